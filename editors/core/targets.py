@@ -1,0 +1,206 @@
+"""Target vectors: the hidden value each edit should produce, optimised for a batch at once.
+
+For request i a perturbation δ_i is added to the output of one or more *sites* (modules: the
+block output for MEMIT, the MLP output for ROME, MLP and attention outputs for PMET) at the
+subject's last token of every prompt of that request. δ_i minimises
+
+    NLL(answer | rewriting prompts) + kl_factor · KL(p_δ ‖ p_0 on "{subject} is a") + wd · ‖δ_i‖ / ‖h_i‖²
+
+where h_i is the site's original output at the subject's last token of the plain prompt.
+All requests of a batch share one forward pass per step; each request keeps its own early stop
+(loss < ``loss_stop``) and its own norm clamp (‖δ_i‖ ≤ clamp_norm_factor · ‖h_i‖), so the result
+equals optimising every request alone with the reference loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from editors.core.context import flatten
+from editors.core.tokens import answer_ids, encode, model_device
+from editors.hooks import edit_outputs
+from editors.requests import EditRequest
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class TargetConfig:
+    """Hyperparameters of the target-vector optimisation (reference names in comments)."""
+
+    steps: int = 25  # v_num_grad_steps: iterations; at most steps-1 Adam steps are taken
+    lr: float = 0.5  # v_lr: Adam learning rate
+    kl_factor: float = 0.0625  # kl_factor: weight of the KL term on "{subject} is a"
+    weight_decay: float = 0.5  # v_weight_decay: weight of ‖δ‖/‖h‖² (numerator not squared)
+    clamp_norm_factor: float = 0.75  # clamp_norm_factor: ‖δ‖ ≤ factor · ‖h‖ after each step
+    loss_stop: float = 0.05  # stop a request once its loss is below this
+    batch_size: int = 32  # requests optimised together in one forward pass per step
+
+
+@dataclass
+class Targets:
+    """Per-request results, rows in request order. ``delta[site]`` and ``init[site]`` are [N, d]."""
+
+    delta: dict[str, torch.Tensor]
+    init: dict[str, torch.Tensor]
+    steps: torch.Tensor  # [N] Adam steps taken
+    loss: torch.Tensor  # [N] loss at the last evaluated iteration
+    nll: torch.Tensor  # [N] NLL part of that loss
+
+    def value(self, site: str) -> torch.Tensor:
+        """h + δ for ``site``: the target value z."""
+        return self.init[site] + self.delta[site]
+
+
+def optimize_targets(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    sites: Sequence[str],
+    context_groups: Sequence[Sequence[str]],
+    cfg: TargetConfig,
+    answers: Sequence[str] | None = None,
+    progress: bool = False,
+) -> Targets:
+    """Optimise δ at ``sites`` for every request; ``answers`` default to ``" " + target_new``."""
+    if answers is None:
+        answers = [" " + r.target_new.lstrip() for r in requests]
+    chunks = []
+    starts = range(0, len(requests), max(cfg.batch_size, 1))
+    for start in tqdm(starts, desc="target vectors", disable=not progress or len(starts) < 2):
+        stop = start + cfg.batch_size
+        chunks.append(
+            _optimize_batch(
+                model, tokenizer, requests[start:stop], answers[start:stop], sites, context_groups, cfg
+            )
+        )
+    return Targets(
+        delta={s: torch.cat([c.delta[s] for c in chunks]) for s in sites},
+        init={s: torch.cat([c.init[s] for c in chunks]) for s in sites},
+        steps=torch.cat([c.steps for c in chunks]),
+        loss=torch.cat([c.loss for c in chunks]),
+        nll=torch.cat([c.nll for c in chunks]),
+    )
+
+
+def _optimize_batch(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    answers: Sequence[str],
+    sites: Sequence[str],
+    context_groups: Sequence[Sequence[str]],
+    cfg: TargetConfig,
+) -> Targets:
+    device = model_device(model)
+    templates = flatten(context_groups)
+    n_req, n_tmpl = len(requests), len(templates)
+
+    # Rows: for each request, one rewriting prompt per context template (teacher-forced answer
+    # prefix appended as token ids), then its KL prompt. Row r belongs to request owner[r].
+    texts, subjects, suffixes, targets = [], [], [], []
+    for request, answer in zip(requests, answers):
+        ids = answer_ids(tokenizer, answer)
+        for template in templates:
+            texts.append(template.replace("{}", request.prompt, 1))
+            subjects.append(request.subject)
+            suffixes.append(ids[:-1])
+            targets.append(ids)
+        texts.append(KL_PROMPT)
+        subjects.append(request.subject)
+        suffixes.append([])
+        targets.append([])
+    enc = encode(tokenizer, texts, subjects, suffixes).to(device)
+    rows_per_req = n_tmpl + 1
+    owner = torch.arange(n_req, device=device).repeat_interleave(rows_per_req)
+    is_kl = torch.zeros(len(texts), dtype=torch.bool, device=device)
+    is_kl[rows_per_req - 1 :: rows_per_req] = True
+    plain_rows = torch.arange(n_req, device=device) * rows_per_req  # template "{}" comes first
+
+    # Teacher-forced target positions: the logits at position p predict token p+1, so the answer
+    # tokens are predicted from positions len-T .. len-1 of each rewriting row.
+    width = enc.input_ids.shape[1]
+    target_ids = torch.zeros_like(enc.input_ids)
+    target_mask = torch.zeros(enc.input_ids.shape, dtype=torch.float32, device=device)
+    for row, ids in enumerate(targets):
+        if ids:
+            end = int(enc.lengths[row])
+            target_ids[row, end - len(ids) : end] = torch.tensor(ids, device=device)
+            target_mask[row, end - len(ids) : end] = 1.0
+    assert int(enc.lengths.max()) <= width
+    rows = torch.arange(len(texts), device=device)
+    lookup = enc.subject_last
+
+    # Every site (block, MLP or attention output) writes to the residual stream: width d.
+    d_model = model.get_input_embeddings().embedding_dim
+    deltas = {s: torch.zeros(n_req, d_model, device=device, requires_grad=True) for s in sites}
+    init: dict[str, torch.Tensor] = {}
+
+    def make_edit(site: str):
+        def edit(out: torch.Tensor) -> torch.Tensor:
+            if site not in init:
+                init[site] = out[plain_rows, lookup[plain_rows]].detach().float()
+            add = deltas[site][owner].to(out.dtype)
+            out = out.clone()
+            out[rows, lookup] = out[rows, lookup] + add
+            return out
+
+        return edit
+
+    optimizer = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
+    active = torch.ones(n_req, dtype=torch.bool, device=device)
+    steps = torch.zeros(n_req, dtype=torch.long)
+    kl_init: torch.Tensor | None = None
+    loss = nll = torch.zeros(n_req, device=device)
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for it in range(cfg.steps):
+            with edit_outputs(model, {s: make_edit(s) for s in sites}):
+                logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+
+            token_lp = log_probs.gather(2, target_ids.unsqueeze(2)).squeeze(2) * target_mask
+            row_nll = -token_lp.sum(1) / target_mask.sum(1).clamp(min=1)
+            nll = torch.zeros(n_req, device=device).index_add(0, owner[~is_kl], row_nll[~is_kl]) / n_tmpl
+
+            kl_lp = log_probs[is_kl, lookup[is_kl]]
+            if kl_init is None:
+                kl_init = kl_lp.detach()
+            kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+
+            wd = sum(
+                cfg.weight_decay * deltas[s].norm(dim=1) / init[s].norm(dim=1).pow(2).clamp(min=1e-12) for s in sites
+            )
+            loss = nll + kl + wd
+            active &= loss.detach() >= cfg.loss_stop
+            if it == cfg.steps - 1 or not bool(active.any()):
+                break
+            frozen = {s: d.detach().clone() for s, d in deltas.items()}
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                for s, d in deltas.items():
+                    d[~active] = frozen[s][~active]
+                    limit = cfg.clamp_norm_factor * init[s].norm(dim=1, keepdim=True)
+                    norm = d.norm(dim=1, keepdim=True)
+                    d.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm)))
+            steps += active.cpu().long()
+    finally:
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    return Targets(
+        delta={s: d.detach() for s, d in deltas.items()},
+        init=init,
+        steps=steps,
+        loss=loss.detach().cpu(),
+        nll=nll.detach().cpu(),
+    )
+

@@ -1,0 +1,72 @@
+"""What every locate-then-edit editor shares: context templates, statistics, temporary weights."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from editors.core.context import sample_context_templates
+from editors.core.covariance import SecondMoments
+from editors.core.update import to_weight_layout, weight_name
+from editors.delta import WeightDelta
+from editors.hooks import get_module
+from editors.spec import ModelSpec
+
+
+class LocateThenEdit:
+    """Base of ROME/MEMIT-style editors: holds the spec, the statistics and the context templates.
+
+    ``context_lengths`` is the reference's ``[(max_length, count), ...]``; the templates are sampled
+    once from the unedited model (the first ``apply``) and reused for the editor's lifetime.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        stats: SecondMoments,
+        context_lengths: Sequence[Sequence[int]],
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.stats = stats
+        self.context_lengths = [tuple(int(v) for v in pair) for pair in context_lengths]
+        self.seed = seed
+        self.progress = progress
+        self._context: list[list[str]] | None = None
+
+    def statistics_modules(self) -> list[str]:
+        """Modules whose covariance statistics ``apply`` needs (computed by ``task=stats``)."""
+        raise NotImplementedError
+
+    def context(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[list[str]]:
+        if self._context is None:
+            self._context = sample_context_templates(model, tokenizer, self.context_lengths, self.seed)
+        return self._context
+
+    @contextlib.contextmanager
+    def scratch(self, model: torch.nn.Module) -> Iterator[WeightDelta]:
+        """A WeightDelta to fill with :meth:`write`; the model gets its original weights back on exit."""
+        delta = WeightDelta()
+        originals: dict[str, torch.Tensor] = {}
+        self._originals = originals
+        try:
+            yield delta
+        finally:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in originals.items():
+                    params[name].copy_(value)
+
+    def write(self, model: torch.nn.Module, delta: WeightDelta, module: str, update_out_in: torch.Tensor) -> None:
+        """Add an (out, in) update to ``module``'s weight now (later steps see it) and record it."""
+        update = to_weight_layout(model, module, update_out_in)
+        weight = get_module(model, module).weight
+        name = weight_name(module)
+        with torch.no_grad():
+            self._originals.setdefault(name, weight.detach().clone())
+            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        delta.add(name, update)

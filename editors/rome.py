@@ -1,0 +1,76 @@
+"""ROME (Meng et al., 2022): one rank-one update of one MLP per edit, edits applied in turn.
+
+For each request: u = C⁻¹k*/‖C⁻¹k*‖ from the template-averaged key k*; the value v* = h + δ
+optimised at the MLP output (``core.targets``); ΔW = (v* − W k) uᵀ / (k·u) on the bare prompt.
+Each edit is computed on the model that already holds the previous ones, as in the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from editors.core.covariance import SecondMoments
+from editors.core.keys import bare_values, compute_keys
+from editors.core.targets import TargetConfig, optimize_targets
+from editors.core.tokens import model_device
+from editors.core.update import rank_one_update
+from editors.delta import WeightDelta
+from editors.locate import LocateThenEdit
+from editors.requests import EditRequest
+from editors.spec import ModelSpec
+
+
+def _rome_target() -> TargetConfig:
+    return TargetConfig(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0, batch_size=1)
+
+
+@dataclass
+class RomeConfig:
+    """ROME hyperparameters (reference GPT-J values)."""
+
+    _target_: str = "editors.rome.Rome"
+    layer: int = 5  # the edited MLP layer
+    target: TargetConfig = field(default_factory=_rome_target)  # clamp_norm_factor 4 in ROME
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    key_averaging: str = "uniform"  # k*: plain mean over "{}" and the sampled templates
+    seed: int = 0
+    read_batch_size: int = 64
+
+
+class Rome(LocateThenEdit):
+    def __init__(self, config: RomeConfig, spec: ModelSpec, stats: SecondMoments, progress: bool = False) -> None:
+        super().__init__(spec, stats, config.context_templates, config.seed, progress)
+        self.config = config
+
+    def statistics_modules(self) -> list[str]:
+        return [self.spec.mlp_out_name(self.config.layer)]
+
+    def apply(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+    ) -> WeightDelta:
+        cfg = self.config
+        module = self.spec.mlp_out_name(cfg.layer)
+        self.stats.prefetch([module])
+        context = self.context(model, tokenizer)
+        device = model_device(model)
+        second_moment = self.stats.get(module).to(device)
+        norms, steps = [], []
+        with self.scratch(model) as delta:
+            for request in requests:
+                one = [request]
+                key_star = compute_keys(model, tokenizer, one, module, context, cfg.key_averaging, cfg.read_batch_size)[0]
+                targets = optimize_targets(model, tokenizer, one, [module], context, cfg.target)
+                key = bare_values(model, tokenizer, one, module, "input")[0]
+                value = bare_values(model, tokenizer, one, module, "output")[0]
+                update = rank_one_update(key_star, key, targets.value(module)[0], value, second_moment)
+                self.write(model, delta, module, update)
+                norms.append(float(targets.delta[module].norm()))
+                steps.append(float(targets.steps.float().mean()))
+        delta.diagnostics.update(
+            {"target_delta_norm": sum(norms) / len(norms), "target_steps": sum(steps) / len(steps)}
+        )
+        return delta

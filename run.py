@@ -1,0 +1,31 @@
+"""Entry point: `python run.py editor=memit model=gpt-j dataset=counterfact` (see README)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from runner import USER_ERRORS, run
+from runner.schema import register
+
+register()
+log = logging.getLogger("run")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except USER_ERRORS as error:  # bad input: one line naming the problem, no traceback
+        log.error("%s: %s", type(error).__name__, error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    value = summary.get(cfg.optimized_metric)
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

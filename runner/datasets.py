@@ -1,0 +1,760 @@
+"""Dataset loading: CounterFact (ROME or EasyEdit schema) and zsRE (MEND schema) -> ``list[EditCase]``.
+
+Nothing downstream knows the source format. Three record schemas are understood:
+
+* ``rome``: the original ROME/MEMIT CounterFact record (``counterfact.json``, ``multi_counterfact.json``):
+  ``case_id``, ``requested_rewrite`` {``prompt`` (template with ``{}``), ``subject``, ``target_new``
+  {``str``, ``id``}, ``target_true`` {``str``, ``id``}, ``relation_id``}, ``paraphrase_prompts``,
+  ``neighborhood_prompts``, ``attribute_prompts``, ``generation_prompts``.
+* ``easyedit``: the reduced CounterFact of EasyEdit/MEND: ``case_id`` (optional), ``prompt`` (subject
+  filled in), ``subject``, ``target_new``, ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``,
+  ``locality_ground_truth`` (the last three a string or a list).
+* ``mend``: zsRE as released by MEND and used by ROME/MEMIT (``zsre_mem_eval.json``): ``subject``,
+  ``src``, ``pred``, ``rephrase``, ``alt``, ``answers``, ``loc``, ``loc_ans`` (+ optional ``portability``).
+
+Files are a JSON list of records or JSONL (one record per line). Every malformed record raises
+:class:`InvalidRecordError` with a one-line message naming the file, the record and the problem, or is
+skipped and counted with ``on_invalid="skip"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from editors.requests import SUBJECT_SLOT, EditRequest, fill
+from evaluation.cases import EditCase, Probe
+
+__all__ = [
+    "BUNDLED_FILES",
+    "DOWNLOAD_URLS",
+    "SCHEMAS",
+    "DatasetConfig",
+    "DatasetDownloadError",
+    "DatasetError",
+    "DuplicateCaseIdError",
+    "InvalidRecordError",
+    "LoadedDataset",
+    "UnknownSchemaError",
+    "bundled_path",
+    "cases_from_records",
+    "default_cache_dir",
+    "detect_schema",
+    "load_cases",
+    "load_from_config",
+]
+
+SCHEMAS = ("rome", "easyedit", "mend")
+TARGET_FIELDS = ("answers", "alt")
+ON_INVALID = ("error", "skip")
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+#: Offline files shipped in ``runner/data`` (see ``runner/data/SOURCES.md``).
+BUNDLED_FILES: dict[str, str] = {
+    "counterfact": "counterfact_sample.json",
+    "zsre": "zsre_sample.json",
+    "wikitext2": "wikitext2_test.txt",
+}
+_BUNDLED_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "cf": "counterfact"}
+
+#: Public full files, fetched only with ``download=True``.
+DOWNLOAD_URLS: dict[str, str] = {
+    "counterfact": "https://rome.baulab.info/data/dsets/counterfact.json",
+    "multi_counterfact": "https://memit.baulab.info/data/dsets/multi_counterfact.json",
+    "zsre": "https://rome.baulab.info/data/dsets/zsre_mem_eval.json",
+}
+_DOWNLOAD_ALIASES = {"mcf": "multi_counterfact", "cf": "counterfact"}
+
+_SCHEMA_FIELDS = {
+    "rome": "case_id, requested_rewrite{prompt, subject, target_new{str,id}, target_true{str,id}, "
+    "relation_id}, paraphrase_prompts, neighborhood_prompts, attribute_prompts, generation_prompts",
+    "easyedit": "case_id (optional), prompt, subject, target_new, ground_truth, rephrase_prompt, "
+    "locality_prompt, locality_ground_truth",
+    "mend": "subject, src, pred, rephrase, alt, answers, loc, loc_ans (+ portability)",
+}
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+class DatasetError(ValueError):
+    """A dataset file cannot be used (unreadable, not JSON/JSONL, no valid record...)."""
+
+
+class InvalidRecordError(DatasetError):
+    """One malformed record. The message is one line: ``FILE record I (case_id C): PROBLEM``."""
+
+    def __init__(self, file: str, index: int, problem: str, case_id: str | None = None) -> None:
+        self.file = file
+        self.index = index
+        self.case_id = case_id
+        self.problem = problem
+        where = f"record {index}" + (f" (case_id {case_id})" if case_id is not None else "")
+        super().__init__(_one_line(f"{file} {where}: {problem}"))
+
+
+class DuplicateCaseIdError(InvalidRecordError):
+    """Two records share a case id (the resume key). Always raised, also with ``on_invalid="skip"``."""
+
+
+class UnknownSchemaError(DatasetError):
+    """The records match none of :data:`SCHEMAS`."""
+
+
+class DatasetDownloadError(DatasetError):
+    """The public file could not be fetched (offline machine, HTTP error...)."""
+
+
+class _Problem(Exception):
+    """Internal: a record-level problem, turned into :class:`InvalidRecordError` by the caller."""
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class DatasetConfig:
+    """Structured-config schema of the Hydra ``dataset`` group; mirrors :func:`load_cases`."""
+
+    name: str
+    path: str | None = None
+    size: int | None = None
+    on_invalid: str = "error"
+    schema: str = "auto"
+    target_field: str = "answers"
+    download: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class LoadedDataset:
+    """The cases of one file and where they came from.
+
+    ``source`` is the URL for a downloaded file, else the local path; ``path`` is always the local
+    file that was read; ``sha256`` is over its bytes. ``n_records`` counts the records in the file;
+    ``n_skipped``/``skipped_reasons`` the invalid ones skipped (``on_invalid="skip"``) among those
+    examined (reading stops once ``size`` valid cases are found).
+    """
+
+    cases: list[EditCase]
+    name: str
+    source: str
+    sha256: str
+    n_records: int
+    n_skipped: int
+    skipped_reasons: list[str]
+    schema: str
+    path: str = ""
+    target_field: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def bundled_path(name: str) -> Path:
+    """Path of a file shipped in ``runner/data``: ``counterfact``, ``zsre`` or ``wikitext2``."""
+    key = _BUNDLED_ALIASES.get(name, name)
+    if key not in BUNDLED_FILES:
+        raise ValueError(f"no bundled file named {name!r}; bundled: {sorted(BUNDLED_FILES)}")
+    path = DATA_DIR / BUNDLED_FILES[key]
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled file {path} is missing (broken install?)")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$KNOWEDIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/knowedit-runner/datasets`` (``~/.cache`` default)."""
+    if os.environ.get("KNOWEDIT_CACHE_DIR"):
+        return Path(os.environ["KNOWEDIT_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "knowedit-runner" / "datasets"
+
+
+def load_cases(
+    name: str,
+    path: str | os.PathLike[str] | None = None,
+    size: int | None = None,
+    on_invalid: str = "error",
+    schema: str = "auto",
+    target_field: str = "answers",
+    download: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> LoadedDataset:
+    """Load ``name`` as a list of :class:`EditCase`.
+
+    ``path`` given: read that file (``name`` is then only a label). ``path`` None: the bundled offline
+    sample of ``name`` (``counterfact``/``zsre``), or with ``download=True`` the public full file
+    (``counterfact``, ``multi_counterfact``/``mcf``, ``zsre``), fetched once into ``cache_dir``.
+    ``size`` keeps the first N valid cases. ``schema`` is ``auto`` or one of :data:`SCHEMAS`.
+    ``target_field`` (zsRE only) picks the new object: ``answers`` (``answers[0]``, as ROME/MEMIT/CoME)
+    or ``alt`` (as EasyEdit).
+    """
+    _check_args(size, on_invalid, schema, target_field)
+    if path is not None:
+        file = Path(path).expanduser()
+        source = str(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"dataset {name!r}: no file at {file}")
+    elif download:
+        file, source = _fetch(name, cache_dir)
+    else:
+        key = _BUNDLED_ALIASES.get(name, name)
+        if key not in ("counterfact", "zsre"):
+            raise ValueError(
+                f"dataset {name!r} has no bundled sample (bundled: counterfact, zsre); pass dataset.path=FILE"
+                + (" or dataset.download=true" if _DOWNLOAD_ALIASES.get(name, name) in DOWNLOAD_URLS else "")
+            )
+        file = bundled_path(key)
+        source = str(file)
+
+    data = file.read_bytes()
+    records = _parse_records(data, file.name)
+    cases, skipped, used_schema = cases_from_records(
+        records,
+        file=file.name,
+        size=size,
+        on_invalid=on_invalid,
+        schema=schema,
+        target_field=target_field,
+    )
+    return LoadedDataset(
+        cases=cases,
+        name=name,
+        source=source,
+        sha256=hashlib.sha256(data).hexdigest(),
+        n_records=len(records),
+        n_skipped=len(skipped),
+        skipped_reasons=skipped,
+        schema=used_schema,
+        path=str(file),
+        target_field=target_field if used_schema == "mend" else None,
+    )
+
+
+def load_from_config(cfg: object, cache_dir: str | os.PathLike[str] | None = None) -> LoadedDataset:
+    """:func:`load_cases` from a :class:`DatasetConfig` (or a DictConfig/object with its fields)."""
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+    return load_cases(
+        name=get("name"),
+        path=get("path", None),
+        size=get("size", None),
+        on_invalid=get("on_invalid", "error"),
+        schema=get("schema", "auto"),
+        target_field=get("target_field", "answers"),
+        download=bool(get("download", False)),
+        cache_dir=cache_dir if cache_dir is not None else get("cache_dir", None),
+    )
+
+
+def detect_schema(records: Sequence[object]) -> str | None:
+    """The schema of the first record that looks like one of :data:`SCHEMAS`, else None."""
+    for rec in records:
+        if isinstance(rec, Mapping):
+            found = _record_schema(rec)
+            if found is not None:
+                return found
+    return None
+
+
+def cases_from_records(
+    records: Sequence[object],
+    *,
+    file: str = "<records>",
+    size: int | None = None,
+    on_invalid: str = "error",
+    schema: str = "auto",
+    target_field: str = "answers",
+) -> tuple[list[EditCase], list[str], str]:
+    """Convert parsed records; returns ``(cases, skipped_reasons, schema)``.
+
+    ``records`` items that are :class:`InvalidRecordError` (e.g. a JSONL line that is not JSON) are
+    treated as invalid records.
+    """
+    _check_args(size, on_invalid, schema, target_field)
+    if not records:
+        raise DatasetError(f"{file}: no records")
+    if schema == "auto":
+        found = detect_schema(records)
+        if found is None:
+            raise UnknownSchemaError(_unknown_schema_message(file, records))
+        schema = found
+    convert = _CONVERTERS[schema]
+
+    cases: list[EditCase] = []
+    skipped: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, rec in enumerate(records):
+        if size is not None and len(cases) >= size:
+            break
+        try:
+            if isinstance(rec, InvalidRecordError):
+                raise rec
+            if not isinstance(rec, Mapping):
+                raise InvalidRecordError(
+                    file, index, f"record is a {type(rec).__name__}, expected a JSON object"
+                )
+            case_id = _case_id(rec, index, file)
+            try:
+                case = convert(rec, case_id, index, target_field)
+            except _Problem as exc:
+                raise InvalidRecordError(file, index, str(exc), case_id) from None
+        except InvalidRecordError as exc:
+            if on_invalid == "skip":
+                skipped.append(str(exc))
+                continue
+            raise
+        if case.case_id in first_index:
+            raise DuplicateCaseIdError(
+                file,
+                index,
+                f"duplicate case_id {case.case_id!r} (first at record {first_index[case.case_id]}); "
+                "case ids must be unique (they are the resume key)",
+                case.case_id,
+            )
+        first_index[case.case_id] = index
+        cases.append(case)
+    if not cases:
+        first = f"; first: {skipped[0]}" if skipped else ""
+        raise DatasetError(f"{file}: no valid record ({len(skipped)} skipped{first})")
+    return cases, skipped, schema
+
+
+# --------------------------------------------------------------------------------------- file parsing
+
+
+def _parse_records(data: bytes, file: str) -> list[object]:
+    """A JSON list, or JSONL (a line that is not JSON becomes an :class:`InvalidRecordError` item)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{file}: not UTF-8 text ({exc})") from None
+    body = text.strip()
+    if not body:
+        raise DatasetError(f"{file}: empty file")
+    if body[0] == "[":
+        try:
+            parsed = json.loads(body)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{file}: not valid JSON ({exc})") from None
+        if not isinstance(parsed, list):  # pragma: no cover - "[" always opens a list
+            raise DatasetError(f"{file}: expected a JSON list of records")
+        return parsed
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if len(lines) > 1 and body[0] == "{":
+        try:
+            whole = json.loads(body)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise DatasetError(
+                f"{file}: holds one JSON object spread over several lines (keys: {_keys(whole)}); "
+                "expected a JSON list of records or JSONL (one record per line)"
+            )
+    records: list[object] = []
+    for index, (lineno, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if index == 0 and body[0] not in "{[":
+                raise DatasetError(
+                    f"{file}: neither a JSON list nor JSONL ({exc.msg} on line {lineno})"
+                ) from None
+            records.append(InvalidRecordError(file, index, f"line {lineno} is not valid JSON: {exc.msg}"))
+    return records
+
+
+def _fetch(name: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    key = _DOWNLOAD_ALIASES.get(name, name)
+    if key not in DOWNLOAD_URLS:
+        raise ValueError(f"no download known for dataset {name!r}; known: {sorted(DOWNLOAD_URLS)}")
+    url = DOWNLOAD_URLS[key]
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dest = cache / Path(urlparse(url).path).name
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest, url
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+    hint = (
+        f"this machine may be offline: fetch {url} elsewhere and pass dataset.path=/path/to/{dest.name} "
+        f"(or put the file at {dest})"
+    )
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        request = urllib.request.Request(url, headers={"User-Agent": "knowedit-runner"})
+        with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        with open(tmp, "rb") as fh:
+            head = fh.read(4096).lstrip()
+        if not head.startswith((b"[", b"{")):
+            raise DatasetDownloadError(
+                f"could not download dataset {name!r}: {url} did not return JSON "
+                f"(starts with {head[:40]!r}); {hint}"
+            )
+        os.replace(tmp, dest)
+    except DatasetDownloadError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise DatasetDownloadError(
+            f"could not download dataset {name!r} from {url} ({reason}); {hint}"
+        ) from exc
+    return dest, url
+
+
+# ------------------------------------------------------------------------------------------ converters
+
+
+def _convert_rome(rec: Mapping, case_id: str, index: int, target_field: str) -> EditCase:
+    rw = rec.get("requested_rewrite")
+    if rw is None:
+        raise _Problem("missing field 'requested_rewrite'")
+    if not isinstance(rw, Mapping):
+        raise _Problem(f"field 'requested_rewrite' must be an object, got {type(rw).__name__}")
+    template = _text(rw, "prompt", "requested_rewrite.prompt")
+    subject = _text(rw, "subject", "requested_rewrite.subject")
+    _check_template(template)
+    new, new_id = _rome_target(rw, "target_new")
+    true, true_id = _rome_target(rw, "target_true")
+    if new == true:
+        raise _Problem(f"target_new equals target_true ({new!r})")
+    relation_id = _optional_text(rw, "relation_id", "requested_rewrite.relation_id")
+
+    paraphrases = _text_list(rec, "paraphrase_prompts")
+    neighbors = _text_list(rec, "neighborhood_prompts")
+    attributes = _text_list(rec, "attribute_prompts", required=False)
+    generation = _text_list(rec, "generation_prompts", required=False)
+
+    probes = {
+        "rewrite": (Probe(fill(template, subject), target=new, foil=true),),
+        "paraphrase": tuple(Probe(p, target=new, foil=true) for p in paraphrases),
+        "neighborhood": tuple(Probe(p, target=true, foil=new) for p in neighbors),
+    }
+    if attributes:
+        probes["attribute"] = tuple(Probe(p, target=new, foil=true) for p in attributes)
+    meta: dict[str, object] = {
+        "schema": "rome",
+        "record_index": index,
+        "relation_id": relation_id,
+        "target_new_id": new_id,
+        "target_true_id": true_id,
+        "generation_prompts_source": "record" if "generation_prompts" in rec else "none",
+    }
+    if "pararel_idx" in rec:
+        meta["pararel_idx"] = rec["pararel_idx"]
+    return EditCase(
+        request=_request(case_id, template, subject, new, true),
+        probes=probes,
+        generation_prompts=generation,
+        meta=meta,
+        true_answer=true,
+    )
+
+
+def _convert_easyedit(rec: Mapping, case_id: str, index: int, target_field: str) -> EditCase:
+    prompt = _text(rec, "prompt")
+    subject = _text(rec, "subject")
+    template = _template_from(prompt, subject, "prompt")
+    new = _target(rec, "target_new")
+    true = _target(rec, "ground_truth")
+    if new == true:
+        raise _Problem(f"target_new equals ground_truth ({new!r})")
+    rephrases = _text_or_list(rec, "rephrase_prompt")
+    loc_prompts = _text_or_list(rec, "locality_prompt")
+    loc_answers = _target_or_list(rec, "locality_ground_truth")
+    if len(loc_answers) == 1 and len(loc_prompts) != 1:
+        loc_answers = loc_answers * len(loc_prompts)
+    if len(loc_answers) != len(loc_prompts):
+        raise _Problem(
+            f"{len(loc_prompts)} locality_prompt(s) but {len(loc_answers)} locality_ground_truth value(s)"
+        )
+    probes = {
+        "rewrite": (Probe(prompt, target=new, foil=true),),
+        "paraphrase": tuple(Probe(p, target=new, foil=true) for p in rephrases),
+        "neighborhood": tuple(Probe(p, target=a, foil=new) for p, a in zip(loc_prompts, loc_answers)),
+    }
+    meta: dict[str, object] = {
+        "schema": "easyedit",
+        "record_index": index,
+        "generation_prompts_source": "none",
+    }
+    return EditCase(
+        request=_request(case_id, template, subject, new, true),
+        probes=probes,
+        meta=meta,
+        true_answer=true,
+    )
+
+
+def _convert_mend(rec: Mapping, case_id: str, index: int, target_field: str) -> EditCase:
+    subject = _text(rec, "subject")
+    src = _text(rec, "src")
+    template = _template_from(src, subject, "src")
+    if target_field == "answers":
+        answers = rec.get("answers")
+        if answers is None:
+            raise _Problem("missing field 'answers' (target_field=answers)")
+        if not isinstance(answers, list) or not answers:
+            raise _Problem(f"field 'answers' must be a non-empty list, got {_show(answers)}")
+        if not isinstance(answers[0], str):
+            raise _Problem(f"field 'answers[0]' must be a string, got {type(answers[0]).__name__}")
+        new = answers[0].strip()
+        if not new:
+            raise _Problem("empty target 'answers[0]'")
+    else:
+        new = _target(rec, "alt")
+    pred = _target(rec, "pred")
+    rephrases = _text_or_list(rec, "rephrase")
+    loc = _text(rec, "loc")
+    loc_ans = _target(rec, "loc_ans")
+
+    probes = {
+        "rewrite": (Probe(src, target=new),),
+        "paraphrase": tuple(Probe(p, target=new) for p in rephrases),
+        "neighborhood": (Probe(loc + "?", target=loc_ans),),
+    }
+    meta: dict[str, object] = {
+        "schema": "mend",
+        "record_index": index,
+        "target_field": target_field,
+        "answers": list(rec["answers"]) if isinstance(rec.get("answers"), list) else None,
+        "alt": rec["alt"].strip() if isinstance(rec.get("alt"), str) else None,
+        "loc": loc,
+        "loc_ans": loc_ans,
+        "generation_prompts_source": "none",
+    }
+    if isinstance(rec.get("cond"), str):
+        meta["cond"] = rec["cond"]
+    if "portability" in rec:
+        # Validated either way. EasyEdit wrote these questions for the ``alt`` object (record 0: "...,
+        # which was established in 2006?" where alt = 2006, answers[0] = 1998), so they are scored only
+        # when ``alt`` is the new object.
+        port_probes, relations = _portability(rec["portability"])
+        if port_probes and target_field == "alt":
+            probes["portability"] = port_probes
+        elif port_probes:
+            meta["portability_dropped"] = "written for the 'alt' object; use target_field=alt to score it"
+        meta["recalled_relation"] = relations[0] if len(relations) == 1 else relations
+    return EditCase(
+        request=_request(case_id, template, subject, new, None),
+        probes=probes,
+        meta=meta,
+        true_answer=pred,
+    )
+
+
+_CONVERTERS: dict[str, Callable[[Mapping, str, int, str], EditCase]] = {
+    "rome": _convert_rome,
+    "easyedit": _convert_easyedit,
+    "mend": _convert_mend,
+}
+
+
+# ------------------------------------------------------------------------------------- field helpers
+
+
+def _record_schema(rec: Mapping) -> str | None:
+    if "requested_rewrite" in rec:
+        return "rome"
+    if "src" in rec and ({"answers", "alt", "loc", "loc_ans"} & rec.keys()):
+        return "mend"
+    if "prompt" in rec and ({"target_new", "ground_truth"} & rec.keys()):
+        return "easyedit"
+    return None
+
+
+def _unknown_schema_message(file: str, records: Sequence[object]) -> str:
+    seen: set[str] = set()
+    kinds: set[str] = set()
+    for rec in records[:50]:
+        if isinstance(rec, Mapping):
+            seen.update(map(str, rec.keys()))
+        elif not isinstance(rec, InvalidRecordError):
+            kinds.add(type(rec).__name__)
+    fields = ", ".join(sorted(seen)) if seen else "none"
+    extra = f" (non-object records: {', '.join(sorted(kinds))})" if kinds else ""
+    expected = "; ".join(f"{name}: {fields_}" for name, fields_ in _SCHEMA_FIELDS.items())
+    return (
+        f"{file}: unknown dataset schema; fields seen: {fields}{extra}. Expected one of {expected}. "
+        "Force one with schema=rome|easyedit|mend"
+    )
+
+
+def _case_id(rec: Mapping, index: int, file: str) -> str:
+    if "case_id" not in rec or rec["case_id"] is None:
+        return str(index)
+    value = rec["case_id"]
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidRecordError(
+            file, index, f"field 'case_id' must be an integer or a string, got {_show(value)}"
+        )
+    if isinstance(value, str) and not value.strip():
+        raise InvalidRecordError(file, index, "empty 'case_id'")
+    return str(value)
+
+
+def _text(rec: Mapping, key: str, label: str | None = None) -> str:
+    """A required non-blank string, kept as is."""
+    label = label or key
+    if key not in rec:
+        raise _Problem(f"missing field '{label}'")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise _Problem(f"field '{label}' must be a string, got {_show(value)}")
+    if not value.strip():
+        raise _Problem(f"empty '{label}'")
+    return value
+
+
+def _optional_text(rec: Mapping, key: str, label: str) -> str | None:
+    if rec.get(key) is None:
+        return None
+    return _text(rec, key, label)
+
+
+def _target(rec: Mapping, key: str, label: str | None = None) -> str:
+    """A required answer string, stripped (targets are stored without a leading space)."""
+    label = label or key
+    if key not in rec:
+        raise _Problem(f"missing field '{label}'")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise _Problem(f"field '{label}' must be a string, got {_show(value)}")
+    if not value.strip():
+        raise _Problem(f"empty target '{label}'")
+    return value.strip()
+
+
+def _rome_target(rw: Mapping, key: str) -> tuple[str, str | None]:
+    label = f"requested_rewrite.{key}"
+    if key not in rw:
+        raise _Problem(f"missing field '{label}'")
+    value = rw[key]
+    if not isinstance(value, Mapping):
+        raise _Problem(f"field '{label}' must be an object {{str, id}}, got {_show(value)}")
+    text = _target(value, "str", f"{label}.str")
+    ident = value.get("id")
+    if ident is not None and not isinstance(ident, str):
+        raise _Problem(f"field '{label}.id' must be a string, got {_show(ident)}")
+    return text, ident
+
+
+def _text_list(rec: Mapping, key: str, required: bool = True) -> tuple[str, ...]:
+    if key not in rec:
+        if required:
+            raise _Problem(f"missing field '{key}'")
+        return ()
+    value = rec[key]
+    if not isinstance(value, list):
+        raise _Problem(f"field '{key}' must be a list of strings, got {_show(value)}")
+    return tuple(_item(value, i, key) for i in range(len(value)))
+
+
+def _text_or_list(rec: Mapping, key: str) -> tuple[str, ...]:
+    if key not in rec:
+        raise _Problem(f"missing field '{key}'")
+    value = rec[key]
+    if isinstance(value, str):
+        return (_text(rec, key),)
+    if not isinstance(value, list):
+        raise _Problem(f"field '{key}' must be a string or a list of strings, got {_show(value)}")
+    return tuple(_item(value, i, key) for i in range(len(value)))
+
+
+def _target_or_list(rec: Mapping, key: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in _text_or_list(rec, key))
+
+
+def _item(values: list, i: int, key: str) -> str:
+    value = values[i]
+    if not isinstance(value, str):
+        raise _Problem(f"'{key}[{i}]' must be a string, got {_show(value)}")
+    if not value.strip():
+        raise _Problem(f"empty '{key}[{i}]'")
+    return value
+
+
+def _portability(value: object) -> tuple[tuple[Probe, ...], list[object]]:
+    items = value if isinstance(value, list) else [value]
+    probes: list[Probe] = []
+    relations: list[object] = []
+    for i, item in enumerate(items):
+        label = "portability" if not isinstance(value, list) else f"portability[{i}]"
+        if not isinstance(item, Mapping):
+            raise _Problem(
+                f"field '{label}' must be an object with 'New Question'/'New Answer', got {_show(item)}"
+            )
+        question = _text(item, "New Question", f"{label}.New Question")
+        answer = _target(item, "New Answer", f"{label}.New Answer")
+        probes.append(Probe(question, target=answer))
+        relations.append(item.get("Recalled Relation"))
+    return tuple(probes), relations
+
+
+def _check_template(template: str) -> None:
+    n = template.count(SUBJECT_SLOT)
+    if n != 1:
+        raise _Problem(f"prompt template must contain exactly one '{{}}', found {n} in {_short(template)}")
+
+
+def _template_from(prompt: str, subject: str, field_name: str) -> str:
+    if SUBJECT_SLOT in prompt:
+        raise _Problem(f"{field_name} already contains '{{}}': {_short(prompt)}")
+    n = prompt.count(subject)
+    if n == 0:
+        raise _Problem(f"subject {_short(subject)} not found in {field_name} {_short(prompt)}")
+    if n > 1:
+        raise _Problem(
+            f"subject {_short(subject)} occurs {n} times in {field_name} {_short(prompt)} (ambiguous)"
+        )
+    return prompt.replace(subject, SUBJECT_SLOT, 1)
+
+
+def _request(case_id: str, template: str, subject: str, new: str, true: str | None) -> EditRequest:
+    try:
+        return EditRequest(
+            case_id=case_id, prompt=template, subject=subject, target_new=new, target_true=true
+        )
+    except ValueError as exc:  # pragma: no cover - the checks above come first
+        raise _Problem(str(exc)) from None
+
+
+def _check_args(size: int | None, on_invalid: str, schema: str, target_field: str) -> None:
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive integer or None, got {size!r}")
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    if schema != "auto" and schema not in SCHEMAS:
+        raise ValueError(f"schema must be 'auto' or one of {SCHEMAS}, got {schema!r}")
+    if target_field not in TARGET_FIELDS:
+        raise ValueError(f"target_field must be one of {TARGET_FIELDS}, got {target_field!r}")
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _show(value: object) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _keys(obj: Mapping) -> str:
+    keys = list(map(str, obj.keys()))
+    return ", ".join(keys[:12]) + (", ..." if len(keys) > 12 else "")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())

@@ -1,0 +1,258 @@
+"""The run: config -> model + dataset -> edit batches -> evaluate -> restore -> results.
+
+Orchestration only. The runner never names an editing method: it builds whatever ``editor._target_``
+names, calls ``apply``, and applies/restores the returned WeightDelta itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from editors.core.covariance import SecondMoments, StatsConfig
+from editors.delta import Restorer
+from evaluation.aggregate import aggregate_by_prefix
+from evaluation.cases import EditCase
+from evaluation.metrics import METRICS, add_prefix, score_cases
+from evaluation.tables import format_table
+from runner.corpus import corpus_texts
+from runner.datasets import LoadedDataset, load_from_config
+from runner.models import LoadedModel, load_model
+from runner.results import ResultsStore
+from runner.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("efficacy", "generality", "locality", "score")
+EDIT_MODES = ("batch", "sequential")
+EVAL_TIMINGS = ("after_batch", "at_end")
+
+
+class ConfigError(ValueError):
+    """A config value that composes but makes no sense."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def build_editor(editor_cfg: DictConfig, loaded: LoadedModel, stats: SecondMoments, progress: bool) -> Any:
+    """Instantiate ``editor._target_`` with its typed config, the model spec and the statistics."""
+    cls = get_class(editor_cfg._target_)
+    config = OmegaConf.to_object(editor_cfg)
+    return cls(config, spec=loaded.spec, stats=stats, progress=progress)
+
+
+def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
+    stats_cfg = OmegaConf.to_object(cfg.stats)
+    assert isinstance(stats_cfg, StatsConfig)
+    return SecondMoments(
+        loaded.model,
+        loaded.tokenizer,
+        f"{loaded.model_id}@{loaded.revision}",
+        stats_cfg,
+        corpus_texts(stats_cfg.corpus),
+        Path(cfg.paths.cache_dir),
+        progress=cfg.progress,
+    )
+
+
+def check_config(cfg: DictConfig) -> None:
+    if cfg.edit_mode not in EDIT_MODES:
+        raise ConfigError(f"edit_mode must be one of {EDIT_MODES}, got {cfg.edit_mode!r}")
+    if cfg.eval.timing not in EVAL_TIMINGS:
+        raise ConfigError(f"eval.timing must be one of {EVAL_TIMINGS}, got {cfg.eval.timing!r}")
+    if cfg.eval.timing == "at_end" and cfg.edit_mode != "sequential":
+        raise ConfigError("eval.timing=at_end needs edit_mode=sequential (batch mode restores between batches)")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
+    if cfg.task not in ("edit", "stats"):
+        raise ConfigError(f"task must be 'edit' or 'stats', got {cfg.task!r}")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment; returns the summary (``summary.json``'s content)."""
+    check_config(cfg)
+    seed_everything(cfg.seed)
+    output_dir = Path(cfg.paths.output_dir)
+    cache_dir = Path(cfg.paths.cache_dir)
+    data_cache = Path(cfg.dataset.cache_dir) if cfg.dataset.get("cache_dir") else cache_dir / "datasets"
+    dataset = load_from_config(cfg.dataset, cache_dir=data_cache)
+    log.info("dataset %s: %d cases from %s (%d skipped)", dataset.name, len(dataset.cases), dataset.source, dataset.n_skipped)
+    loaded = load_model(cfg.model, cases=dataset.cases, cache_dir=cache_dir, seed=cfg.seed)
+    log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
+    stats = build_stats(cfg, loaded)
+    editor = build_editor(cfg.editor, loaded, stats, cfg.progress)
+    if cfg.task == "stats":
+        stats.prefetch(editor.statistics_modules())
+        return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-{dataset.name}"
+    tracker = make_tracker(cfg.logger, resolved, output_dir, name)
+    failed = True
+    try:
+        summary = _edit_and_evaluate(cfg, dataset, loaded, editor, tracker, output_dir)
+        failed = False
+        return summary
+    finally:
+        tracker.finish(failed=failed)
+
+
+def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor, tracker, output_dir: Path) -> dict:
+    model, tok = loaded.model, loaded.tokenizer
+    store = ResultsStore(output_dir)
+    done = store.done_ids()
+    if done:
+        log.info("resuming: %d of %d cases already in %s", len(done & {c.case_id for c in dataset.cases}), len(dataset.cases), store.path)
+    cases = dataset.cases
+    batches = [cases[i : i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
+    todo_ids = {c.case_id for c in cases} - done
+    sequential = cfg.edit_mode == "sequential"
+
+    def evaluate(batch: Sequence[EditCase], desc: str) -> list[dict[str, float]]:
+        return score_cases(model, tok, batch, batch_size=cfg.eval.batch_size, progress=False) if batch else []
+
+    # Pre-edit scores come from the unedited model, so they are taken before any edit.
+    pre: dict[str, dict[str, float]] = {}
+    if cfg.eval.pre_edit and todo_ids:
+        todo = [c for c in cases if c.case_id in todo_ids]
+        t0 = time.perf_counter()
+        for case, metrics in zip(todo, evaluate(todo, "pre-edit")):
+            pre[case.case_id] = add_prefix(metrics, "pre_")
+        log.info("pre-edit evaluation of %d cases: %.1fs", len(todo), time.perf_counter() - t0)
+
+    kept: Restorer | None = None
+    pending: list[tuple[EditCase, dict]] = []
+    timings = {"edit_seconds": 0.0, "eval_seconds": 0.0}
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="edit batches", disable=not cfg.progress)):
+            todo = [c for c in batch if c.case_id in todo_ids]
+            if not todo and not sequential:
+                continue  # done in an earlier run; sequential runs still re-apply it below
+            t0 = time.perf_counter()
+            delta = editor.apply(model, tok, [c.request for c in batch])
+            edit_seconds = time.perf_counter() - t0
+            timings["edit_seconds"] += edit_seconds
+            batch_info = {"batch": index, "batch_edit_seconds": edit_seconds, **delta.diagnostics}
+            restorer = delta.apply(model)
+            try:
+                if cfg.eval.timing == "after_batch":
+                    t0 = time.perf_counter()
+                    post = evaluate(todo, "post-edit")
+                    timings["eval_seconds"] += time.perf_counter() - t0
+                    records = [_record(c, pre, m, batch_info) for c, m in zip(todo, post)]
+                    if records:
+                        store.append(records)
+                        tracker.log(_batch_log(records), step=index)
+                else:
+                    pending.extend((c, batch_info) for c in todo)
+            finally:
+                if sequential:
+                    kept = restorer if kept is None else _merge(kept, restorer)
+                else:
+                    restorer.restore()
+        if pending:
+            t0 = time.perf_counter()
+            post = evaluate([c for c, _ in pending], "post-edit")
+            timings["eval_seconds"] += time.perf_counter() - t0
+            store.append([_record(c, pre, m, info) for (c, info), m in zip(pending, post)])
+    finally:
+        if kept is not None:
+            kept.restore()  # verified bit-exact; raises otherwise
+    return _summarize(cfg, dataset, loaded, store, output_dir, tracker, timings)
+
+
+def _merge(first: Restorer, later: Restorer) -> Restorer:
+    first.merge(later)
+    return first
+
+
+def _record(case: EditCase, pre: dict, post: dict[str, float], batch_info: dict) -> dict:
+    request = case.request
+    return {
+        "case_id": case.case_id,
+        "subject": request.subject,
+        "prompt": request.text,
+        "target_new": request.target_new,
+        "target_true": request.target_true,
+        **pre.get(case.case_id, {}),
+        **add_prefix(post, "post_"),
+        **batch_info,
+    }
+
+
+def _batch_log(records: list[dict]) -> dict[str, float]:
+    keys = [k for k in records[0] if k.startswith("post_")]
+    return {f"batch/{k[5:]}": float(np.mean([r[k] for r in records if k in r])) for k in keys}
+
+
+def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsStore, output_dir: Path, tracker, timings) -> dict:
+    wanted = {c.case_id for c in dataset.cases}
+    records = [r for r in store.load() if str(r["case_id"]) in wanted]
+    by_prefix = aggregate_by_prefix(records)
+    post, pre = by_prefix["post"], by_prefix["pre"]
+    diag_keys = sorted({k for r in records for k in r if k.startswith(("target_", "batch_edit"))})
+    diagnostics = {k: float(np.mean([r[k] for r in records if k in r])) for k in diag_keys}
+    summary: dict[str, Any] = {k: post[k]["mean"] for k in HEADLINE if k in post}
+    summary.update(
+        {
+            "n_cases": len(records),
+            "metrics": {"post": post, "pre": pre},
+            "diagnostics": diagnostics,
+            "timing": timings,
+            "protocol": {
+                "editor": cfg.editor._target_,
+                "edit_mode": cfg.edit_mode,
+                "batch_size": cfg.batch_size,
+                "eval_timing": cfg.eval.timing,
+                "seed": cfg.seed,
+                "dataset": {
+                    "name": dataset.name,
+                    "source": dataset.source,
+                    "sha256": dataset.sha256,
+                    "schema": dataset.schema,
+                    "n_records": dataset.n_records,
+                    "n_skipped": dataset.n_skipped,
+                    "size": cfg.dataset.size,
+                },
+                "model": {
+                    "id": loaded.model_id,
+                    "revision": loaded.revision,
+                    "dtype": cfg.model.dtype,
+                    "info": {k: v for k, v in loaded.info.items() if isinstance(v, (int, float, str))},
+                },
+                "statistics": {"corpus": cfg.stats.corpus, "n_samples": cfg.stats.n_samples, "dtype": cfg.stats.dtype},
+                "metric_definitions": {name: METRICS[name].description for name in post if name in METRICS},
+                "git_sha": git_sha(),
+            },
+        }
+    )
+    store.write_json("summary.json", summary)
+    table = format_table([("pre-edit", pre), ("post-edit", post)], list(HEADLINE))
+    print(f"\n{table}\n\nresults: {store.path}\nsummary: {output_dir / 'summary.json'}")
+    tracker.summary({f"post/{k}": v["mean"] for k, v in post.items()} | {f"pre/{k}": v["mean"] for k, v in pre.items()})
+    return summary
