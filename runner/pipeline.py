@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from editors.core.covariance import SecondMoments, StatsConfig
 from editors.delta import Restorer
-from evaluation.aggregate import aggregate_by_prefix
+from evaluation.aggregate import add_prefix, aggregate_by_prefix
 from evaluation.cases import EditCase
-from evaluation.metrics import METRICS, add_prefix, score_cases
+from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
 from runner.corpus import corpus_texts
 from runner.datasets import LoadedDataset, load_from_config
@@ -157,7 +157,8 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
             delta = editor.apply(model, tok, [c.request for c in batch])
             edit_seconds = time.perf_counter() - t0
             timings["edit_seconds"] += edit_seconds
-            batch_info = {"batch": index, "batch_edit_seconds": edit_seconds, **delta.diagnostics}
+            batch_info = {"batch": index, "diag_edit_seconds": edit_seconds}
+            batch_info.update({f"diag_{k}": v for k, v in delta.diagnostics.items()})
             restorer = delta.apply(model)
             try:
                 if cfg.eval.timing == "after_batch":
@@ -215,8 +216,8 @@ def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsS
     records = [r for r in store.load() if str(r["case_id"]) in wanted]
     by_prefix = aggregate_by_prefix(records)
     post, pre = by_prefix["post"], by_prefix["pre"]
-    diag_keys = sorted({k for r in records for k in r if k.startswith(("target_", "batch_edit"))})
-    diagnostics = {k: float(np.mean([r[k] for r in records if k in r])) for k in diag_keys}
+    diag_keys = sorted({k for r in records for k in r if k.startswith("diag_")})
+    diagnostics = {k[5:]: float(np.mean([r[k] for r in records if k in r])) for k in diag_keys}
     summary: dict[str, Any] = {k: post[k]["mean"] for k in HEADLINE if k in post}
     summary.update(
         {
