@@ -86,7 +86,7 @@ class Memit(LocateThenEdit):
         z_site = self.site(layers[-1])
         with self.scratch(model) as delta:
             start = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
-            for i, (layer, module) in enumerate(zip(layers, modules)):
+            for i, module in enumerate(modules):
                 keys = compute_keys(
                     model, tokenizer, requests, module, context, cfg.key_averaging, cfg.read_batch_size
                 )

@@ -97,6 +97,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the summary (``summary.json``'s content)."""
     check_config(cfg)
     seed_everything(cfg.seed)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     output_dir = Path(cfg.paths.output_dir)
     cache_dir = Path(cfg.paths.cache_dir)
     data_cache = Path(cfg.dataset.cache_dir) if cfg.dataset.get("cache_dir") else cache_dir / "datasets"
@@ -133,15 +135,15 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
     todo_ids = {c.case_id for c in cases} - done
     sequential = cfg.edit_mode == "sequential"
 
-    def evaluate(batch: Sequence[EditCase], desc: str) -> list[dict[str, float]]:
-        return score_cases(model, tok, batch, batch_size=cfg.eval.batch_size, progress=False) if batch else []
+    def evaluate(batch: Sequence[EditCase]) -> list[dict[str, float]]:
+        return score_cases(model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100) if batch else []
 
     # Pre-edit scores come from the unedited model, so they are taken before any edit.
     pre: dict[str, dict[str, float]] = {}
     if cfg.eval.pre_edit and todo_ids:
         todo = [c for c in cases if c.case_id in todo_ids]
         t0 = time.perf_counter()
-        for case, metrics in zip(todo, evaluate(todo, "pre-edit")):
+        for case, metrics in zip(todo, evaluate(todo)):
             pre[case.case_id] = add_prefix(metrics, "pre_")
         log.info("pre-edit evaluation of %d cases: %.1fs", len(todo), time.perf_counter() - t0)
 
@@ -163,7 +165,7 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
             try:
                 if cfg.eval.timing == "after_batch":
                     t0 = time.perf_counter()
-                    post = evaluate(todo, "post-edit")
+                    post = evaluate(todo)
                     timings["eval_seconds"] += time.perf_counter() - t0
                     records = [_record(c, pre, m, batch_info) for c, m in zip(todo, post)]
                     if records:
@@ -178,7 +180,7 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
                     restorer.restore()
         if pending:
             t0 = time.perf_counter()
-            post = evaluate([c for c, _ in pending], "post-edit")
+            post = evaluate([c for c, _ in pending])
             timings["eval_seconds"] += time.perf_counter() - t0
             store.append([_record(c, pre, m, info) for (c, info), m in zip(pending, post)])
     finally:

@@ -49,6 +49,7 @@ class RunConfig:
     edit_mode: str = "batch"  # batch: weights restored between batches | sequential: edits accumulate
     batch_size: int = 10  # edits per batch (the reference's --num_edits)
     progress: bool = True
+    threads: int | None = None  # torch CPU threads; null: torch's default
     optimized_metric: str = "score"  # what run.py returns to a sweeper
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: Any = MISSING

@@ -1,0 +1,87 @@
+"""Every config group combination composes; typos and wrong types fail naming the key."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from runner.schema import register
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+MODELS, EDITORS, DATASETS, LOGGERS = (_options(g) for g in ("model", "editor", "dataset", "logger"))
+
+
+@pytest.fixture(autouse=True)
+def hydra_config_dir():
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def _compose(*overrides: str):
+    return compose("config", overrides=[*overrides, "paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"])
+
+
+def test_the_names_users_type_exist():
+    assert {"gpt2-xl", "gpt-j", "llama3", "toy", "tiny-gpt2", "tiny-gptj", "tiny-llama"} <= set(MODELS)
+    assert {"rome", "memit"} <= set(EDITORS)
+    assert {"counterfact", "zsre"} <= set(DATASETS)
+    assert {"wandb", "none"} <= set(LOGGERS)
+
+
+@pytest.mark.parametrize("model,editor", list(itertools.product(MODELS, EDITORS)))
+def test_every_model_editor_pair_composes_and_resolves(model, editor):
+    for dataset, logger in itertools.product(DATASETS, LOGGERS):
+        cfg = _compose(f"model={model}", f"editor={editor}", f"dataset={dataset}", f"logger={logger}")
+        container = OmegaConf.to_container(cfg, resolve=True)
+        layers = container["editor"].get("layers") or [container["editor"]["layer"]]
+        assert all(0 <= layer < container["model"]["n_layers"] for layer in layers)
+        OmegaConf.to_object(cfg.editor)  # the typed editor config builds
+
+
+def test_per_pair_settings_override_method_defaults():
+    assert list(_compose("model=gpt2-xl", "editor=memit").editor.layers) == [13, 14, 15, 16, 17]
+    assert _compose("model=gpt2-xl", "editor=memit").editor.update_weight == 20000
+    assert list(_compose("model=llama3", "editor=memit").editor.layers) == [4, 5, 6, 7, 8]
+    assert _compose("model=gpt-j", "editor=rome").editor.layer == 5
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(ConfigCompositionException) as info:
+        _compose("editor.update_wieght=3")
+    assert "update_wieght" in str(info.value.__cause__ or info.value)
+
+
+def test_wrong_type_fails_naming_it():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        _compose("editor.target.steps=many")
+    assert "steps" in str(info.value.__cause__ or info.value) or "many" in str(info.value.__cause__ or info.value)
+
+
+def test_cli_prints_composed_llama3_config_and_one_line_errors():
+    ok = subprocess.run(
+        [sys.executable, "run.py", "editor=memit", "model=llama3", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "meta-llama/Meta-Llama-3-8B" in ok.stdout and "model.layers.{}.mlp.down_proj" in ok.stdout
+    bad = subprocess.run([sys.executable, "run.py", "editor.lyers=[1]", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "lyers" in bad.stderr
