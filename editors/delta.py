@@ -11,14 +11,16 @@ import torch
 
 @dataclass
 class WeightDelta:
-    """What an editor returns: additive changes to named parameters, plus diagnostics.
+    """What an editor returns: additive changes to named parameters, plus diagnostics
+    (target-vector norms, steps taken, guards fired...).
 
     Deltas are kept in float32 (or the dtype the solve produced) on the device they were
     computed on; ``apply`` casts them to each parameter's dtype and device.
     """
 
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    diagnostics: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, float] = field(default_factory=dict)  # one value for the batch
+    case_diagnostics: dict[str, list[float]] = field(default_factory=dict)  # one value per request, in order
 
     def add(self, name: str, delta: torch.Tensor) -> None:
         delta = delta.detach()

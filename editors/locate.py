@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.core.context import sample_context_templates
 from editors.core.covariance import SecondMoments
+from editors.core.targets import TargetCache
 from editors.core.update import to_weight_layout, weight_name
 from editors.delta import WeightDelta
 from editors.hooks import get_module
@@ -21,6 +22,8 @@ class LocateThenEdit:
 
     ``context_lengths`` is the reference's ``[(max_length, count), ...]``; the templates are sampled
     once from the unedited model (the first ``apply``) and reused for the editor's lifetime.
+    ``cache`` (optional) stores target vectors on disk for methods whose targets depend only on
+    the request and the model state.
     """
 
     def __init__(
@@ -30,9 +33,11 @@ class LocateThenEdit:
         context_lengths: Sequence[Sequence[int]],
         seed: int = 0,
         progress: bool = False,
+        cache: TargetCache | None = None,
     ) -> None:
         self.spec = spec
         self.stats = stats
+        self.cache = cache
         self.context_lengths = [tuple(int(v) for v in pair) for pair in context_lengths]
         self.seed = seed
         self.progress = progress

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
-from editors.core.targets import TargetConfig, Targets, optimize_targets
+from editors.core.targets import TargetCache, TargetConfig, Targets, cached_targets
 from editors.core.tokens import model_device
 from editors.core.update import least_squares_update, spread_divisor
 from editors.delta import WeightDelta
@@ -45,8 +45,15 @@ class MemitConfig:
 
 
 class Memit(LocateThenEdit):
-    def __init__(self, config: MemitConfig, spec: ModelSpec, stats: SecondMoments, progress: bool = False) -> None:
-        super().__init__(spec, stats, config.context_templates, config.seed, progress)
+    def __init__(
+        self,
+        config: MemitConfig,
+        spec: ModelSpec,
+        stats: SecondMoments,
+        progress: bool = False,
+        cache: TargetCache | None = None,
+    ) -> None:
+        super().__init__(spec, stats, config.context_templates, config.seed, progress, cache)
         if not config.layers:
             raise ValueError("editor.layers is empty")
         self.config = config
@@ -62,15 +69,38 @@ class Memit(LocateThenEdit):
             return self.spec.mlp_out_name(layer)
         raise ValueError(f"unknown target_site {self.config.target_site!r}: expected 'layer' or 'mlp_out'")
 
+    def optimized_sites(self) -> list[str]:
+        """Modules perturbed while optimising targets; the first holds z (PMET adds attention)."""
+        return [self.site(self.config.layers[-1])]
+
+    def optimize(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        **options,
+    ) -> Targets:
+        """Target vectors through the cache; ``options`` go to :func:`cached_targets`."""
+        options.setdefault("cfg", self.config.target)
+        return cached_targets(
+            self.cache,
+            model,
+            tokenizer,
+            requests,
+            self.optimized_sites(),
+            self.context(model, tokenizer),
+            progress=self.progress,
+            **options,
+        )
+
     def compute_targets(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
-    ) -> tuple[torch.Tensor, Targets]:
-        """z [N, d] for every request; subclasses (CoME, PMET) change only this step."""
-        site = self.site(self.config.layers[-1])
-        targets = optimize_targets(
-            model, tokenizer, requests, [site], self.context(model, tokenizer), self.config.target, progress=self.progress
-        )
-        return targets.value(site), targets
+    ) -> tuple[torch.Tensor, Targets, dict[str, list[float]]]:
+        """z [N, d] for every request, the optimisation result, per-request diagnostics.
+
+        CoME changes only this step."""
+        targets = self.optimize(model, tokenizer, requests)
+        return targets.value(self.optimized_sites()[0]), targets, {}
 
     def apply(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
@@ -80,7 +110,7 @@ class Memit(LocateThenEdit):
         modules = self.statistics_modules()
         self.stats.prefetch(modules)
         context = self.context(model, tokenizer)
-        z, targets = self.compute_targets(model, tokenizer, requests)
+        z, targets, extra = self.compute_targets(model, tokenizer, requests)
         device = model_device(model)
         z = z.to(device)
         z_site = self.site(layers[-1])
@@ -97,12 +127,13 @@ class Memit(LocateThenEdit):
             reached = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
         gap_before = (z - start).norm(dim=1)
         gap_after = (z - reached).norm(dim=1)
-        delta.diagnostics.update(
+        delta.case_diagnostics.update(
             {
-                "target_delta_norm": float(targets.delta[z_site].norm(dim=1).mean()),
-                "target_steps": float(targets.steps.float().mean()),
-                "target_nll": float(targets.nll.mean()),
-                "target_reached": float((1 - gap_after / gap_before.clamp(min=1e-12)).mean()),
+                "target_delta_norm": targets.delta[z_site].norm(dim=1).tolist(),
+                "target_steps": targets.steps.float().tolist(),
+                "target_nll": targets.nll.tolist(),
+                "target_reached": (1 - gap_after / gap_before.clamp(min=1e-12)).tolist(),
+                **extra,
             }
         )
         return delta

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
-from editors.core.targets import TargetConfig, optimize_targets
+from editors.core.targets import TargetCache, TargetConfig, optimize_targets
 from editors.core.tokens import model_device
 from editors.core.update import rank_one_update
 from editors.delta import WeightDelta
@@ -42,8 +42,18 @@ class RomeConfig:
 
 
 class Rome(LocateThenEdit):
-    def __init__(self, config: RomeConfig, spec: ModelSpec, stats: SecondMoments, progress: bool = False) -> None:
-        super().__init__(spec, stats, config.context_templates, config.seed, progress)
+    """ROME. Each target is computed on the model holding the batch's earlier edits, so ROME does
+    not read the target cache (its key would have to name that history)."""
+
+    def __init__(
+        self,
+        config: RomeConfig,
+        spec: ModelSpec,
+        stats: SecondMoments,
+        progress: bool = False,
+        cache: TargetCache | None = None,
+    ) -> None:
+        super().__init__(spec, stats, config.context_templates, config.seed, progress, cache=None)
         self.config = config
 
     def statistics_modules(self) -> list[str]:
@@ -58,7 +68,7 @@ class Rome(LocateThenEdit):
         context = self.context(model, tokenizer)
         device = model_device(model)
         second_moment = self.stats.get(module).to(device)
-        norms, steps = [], []
+        norms, steps, nll = [], [], []
         with self.scratch(model) as delta:
             for request in requests:
                 one = [request]
@@ -69,8 +79,7 @@ class Rome(LocateThenEdit):
                 update = rank_one_update(key_star, key, targets.value(module)[0], value, second_moment)
                 self.write(model, delta, module, update)
                 norms.append(float(targets.delta[module].norm()))
-                steps.append(float(targets.steps.float().mean()))
-        delta.diagnostics.update(
-            {"target_delta_norm": sum(norms) / len(norms), "target_steps": sum(steps) / len(steps)}
-        )
+                steps.append(float(targets.steps[0]))
+                nll.append(float(targets.nll[0]))
+        delta.case_diagnostics.update({"target_delta_norm": norms, "target_steps": steps, "target_nll": nll})
         return delta

@@ -6,6 +6,7 @@ names, calls ``apply``, and applies/restores the returned WeightDelta itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import subprocess
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from editors.core.covariance import SecondMoments, StatsConfig
+from editors.core.targets import TargetCache
 from editors.delta import Restorer
 from evaluation.aggregate import add_prefix, aggregate_by_prefix
 from evaluation.cases import EditCase
@@ -59,11 +61,13 @@ def git_sha() -> str | None:
         return None
 
 
-def build_editor(editor_cfg: DictConfig, loaded: LoadedModel, stats: SecondMoments, progress: bool) -> Any:
-    """Instantiate ``editor._target_`` with its typed config, the model spec and the statistics."""
+def build_editor(
+    editor_cfg: DictConfig, loaded: LoadedModel, stats: SecondMoments, cache: TargetCache | None, progress: bool
+) -> Any:
+    """Instantiate ``editor._target_`` with its typed config, the model spec, statistics and cache."""
     cls = get_class(editor_cfg._target_)
     config = OmegaConf.to_object(editor_cfg)
-    return cls(config, spec=loaded.spec, stats=stats, progress=progress)
+    return cls(config, spec=loaded.spec, stats=stats, progress=progress, cache=cache)
 
 
 def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
@@ -107,7 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded = load_model(cfg.model, cases=dataset.cases, cache_dir=cache_dir, seed=cfg.seed)
     log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
     stats = build_stats(cfg, loaded)
-    editor = build_editor(cfg.editor, loaded, stats, cfg.progress)
+    cache = TargetCache(cache_dir / "targets", f"{loaded.model_id}@{loaded.revision}") if cfg.cache_targets else None
+    editor = build_editor(cfg.editor, loaded, stats, cache, cfg.progress)
     if cfg.task == "stats":
         stats.prefetch(editor.statistics_modules())
         return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
@@ -117,14 +122,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg.logger, resolved, output_dir, name)
     failed = True
     try:
-        summary = _edit_and_evaluate(cfg, dataset, loaded, editor, tracker, output_dir)
+        summary = _edit_and_evaluate(cfg, dataset, loaded, editor, cache, tracker, output_dir)
         failed = False
         return summary
     finally:
         tracker.finish(failed=failed)
 
 
-def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor, tracker, output_dir: Path) -> dict:
+def _edit_and_evaluate(
+    cfg, dataset: LoadedDataset, loaded: LoadedModel, editor, cache: TargetCache | None, tracker, output_dir: Path
+) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     store = ResultsStore(output_dir)
     done = store.done_ids()
@@ -155,24 +162,30 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
             todo = [c for c in batch if c.case_id in todo_ids]
             if not todo and not sequential:
                 continue  # done in an earlier run; sequential runs still re-apply it below
+            if cache is not None and sequential:  # targets depend on the edits made so far
+                cache.state = hashlib.sha256(",".join(c.case_id for b in batches[:index] for c in b).encode()).hexdigest()
             t0 = time.perf_counter()
             delta = editor.apply(model, tok, [c.request for c in batch])
             edit_seconds = time.perf_counter() - t0
             timings["edit_seconds"] += edit_seconds
             batch_info = {"batch": index, "diag_edit_seconds": edit_seconds}
             batch_info.update({f"diag_{k}": v for k, v in delta.diagnostics.items()})
+            per_case = {
+                case.case_id: {f"diag_{k}": values[i] for k, values in delta.case_diagnostics.items()}
+                for i, case in enumerate(batch)
+            }
             restorer = delta.apply(model)
             try:
                 if cfg.eval.timing == "after_batch":
                     t0 = time.perf_counter()
                     post = evaluate(todo)
                     timings["eval_seconds"] += time.perf_counter() - t0
-                    records = [_record(c, pre, m, batch_info) for c, m in zip(todo, post)]
+                    records = [_record(c, pre, m, batch_info | per_case[c.case_id]) for c, m in zip(todo, post)]
                     if records:
                         store.append(records)
                         tracker.log(_batch_log(records), step=index)
                 else:
-                    pending.extend((c, batch_info) for c in todo)
+                    pending.extend((c, batch_info | per_case[c.case_id]) for c in todo)
             finally:
                 if sequential:
                     kept = restorer if kept is None else _merge(kept, restorer)
@@ -186,6 +199,9 @@ def _edit_and_evaluate(cfg, dataset: LoadedDataset, loaded: LoadedModel, editor,
     finally:
         if kept is not None:
             kept.restore()  # verified bit-exact; raises otherwise
+    if cache is not None:
+        timings["target_cache"] = {"hits": cache.hits, "misses": cache.misses}
+        log.info("target vectors: %d from cache, %d optimised", cache.hits, cache.misses)
     return _summarize(cfg, dataset, loaded, store, output_dir, tracker, timings)
 
 
@@ -219,7 +235,11 @@ def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsS
     by_prefix = aggregate_by_prefix(records)
     post, pre = by_prefix["post"], by_prefix["pre"]
     diag_keys = sorted({k for r in records for k in r if k.startswith("diag_")})
-    diagnostics = {k[5:]: float(np.mean([r[k] for r in records if k in r])) for k in diag_keys}
+    diagnostics = {
+        k[5:]: {"mean": float(np.mean(v)), "sum": float(np.sum(v))}
+        for k in diag_keys
+        if (v := [r[k] for r in records if k in r])
+    }
     summary: dict[str, Any] = {k: post[k]["mean"] for k in HEADLINE if k in post}
     summary.update(
         {

@@ -12,8 +12,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from editors.come import ComeMemitConfig, ComePmetConfig
 from editors.core.covariance import StatsConfig
 from editors.memit import MemitConfig
+from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
 from runner.datasets import DatasetConfig
 from runner.models import ModelConfig
@@ -49,6 +51,7 @@ class RunConfig:
     edit_mode: str = "batch"  # batch: weights restored between batches | sequential: edits accumulate
     batch_size: int = 10  # edits per batch (the reference's --num_edits)
     progress: bool = True
+    cache_targets: bool = True  # reuse target vectors across runs (sweeps over α, p skip the optimisation)
     threads: int | None = None  # torch CPU threads; null: torch's default
     optimized_metric: str = "score"  # what run.py returns to a sweeper
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -64,6 +67,9 @@ SCHEMAS = {
     ("model", "model_schema"): ModelConfig,
     ("editor", "memit_schema"): MemitConfig,
     ("editor", "rome_schema"): RomeConfig,
+    ("editor", "pmet_schema"): PmetConfig,
+    ("editor", "come_memit_schema"): ComeMemitConfig,
+    ("editor", "come_pmet_schema"): ComePmetConfig,
     ("dataset", "dataset_schema"): DatasetConfig,
     ("eval", "eval_schema"): EvalConfig,
     ("stats", "stats_schema"): StatsConfig,

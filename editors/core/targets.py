@@ -14,8 +14,11 @@ equals optimising every request alone with the reference loop.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -39,7 +42,10 @@ class TargetConfig:
     weight_decay: float = 0.5  # v_weight_decay: weight of ‖δ‖/‖h‖² (numerator not squared)
     clamp_norm_factor: float = 0.75  # clamp_norm_factor: ‖δ‖ ≤ factor · ‖h‖ after each step
     loss_stop: float = 0.05  # stop a request once its loss is below this
-    batch_size: int = 32  # requests optimised together in one forward pass per step
+    nll_weight: float = 1.0  # nll_loss_factor (PMET): weight of the NLL term
+    adaptive_nll: bool = False  # PMET: once every answer token is the argmax, weigh the NLL 0.1× next step
+    kl_stop: float = 0.01  # PMET: ...and stop when the (unweighted) KL is at most this
+    batch_size: int = 32  # requests optimised together in one forward pass per step (not in cache keys)
 
 
 @dataclass
@@ -66,18 +72,22 @@ def optimize_targets(
     cfg: TargetConfig,
     answers: Sequence[str] | None = None,
     progress: bool = False,
+    norm_lengths: Sequence[int] | None = None,
 ) -> Targets:
-    """Optimise δ at ``sites`` for every request; ``answers`` default to ``" " + target_new``."""
+    """Optimise δ at ``sites`` for every request; ``answers`` default to ``" " + target_new``.
+
+    ``norm_lengths`` replaces the per-request answer length that normalises the NLL (CoME's
+    released code divides the old-object NLL by the length of the *new* object).
+    """
     if answers is None:
-        answers = [" " + r.target_new.lstrip() for r in requests]
+        answers = new_answers(requests)
     chunks = []
     starts = range(0, len(requests), max(cfg.batch_size, 1))
     for start in tqdm(starts, desc="target vectors", disable=not progress or len(starts) < 2):
         stop = start + cfg.batch_size
+        lengths = None if norm_lengths is None else norm_lengths[start:stop]
         chunks.append(
-            _optimize_batch(
-                model, tokenizer, requests[start:stop], answers[start:stop], sites, context_groups, cfg
-            )
+            _optimize_batch(model, tokenizer, requests[start:stop], answers[start:stop], sites, context_groups, cfg, lengths)
         )
     return Targets(
         delta={s: torch.cat([c.delta[s] for c in chunks]) for s in sites},
@@ -88,6 +98,11 @@ def optimize_targets(
     )
 
 
+def new_answers(requests: Sequence[EditRequest]) -> list[str]:
+    """The reference prepends a space to target_new (only to it)."""
+    return [" " + r.target_new.lstrip() for r in requests]
+
+
 def _optimize_batch(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -96,6 +111,7 @@ def _optimize_batch(
     sites: Sequence[str],
     context_groups: Sequence[Sequence[str]],
     cfg: TargetConfig,
+    norm_lengths: Sequence[int] | None,
 ) -> Targets:
     device = model_device(model)
     templates = flatten(context_groups)
@@ -132,7 +148,10 @@ def _optimize_batch(
             end = int(enc.lengths[row])
             target_ids[row, end - len(ids) : end] = torch.tensor(ids, device=device)
             target_mask[row, end - len(ids) : end] = 1.0
-    assert int(enc.lengths.max()) <= width
+    if norm_lengths is None:
+        row_norm = target_mask.sum(1).clamp(min=1)
+    else:
+        row_norm = torch.tensor(norm_lengths, dtype=torch.float32, device=device)[owner]
     rows = torch.arange(len(texts), device=device)
     lookup = enc.subject_last
 
@@ -157,6 +176,7 @@ def _optimize_batch(
     steps = torch.zeros(n_req, dtype=torch.long)
     kl_init: torch.Tensor | None = None
     loss = nll = torch.zeros(n_req, device=device)
+    nll_weight = torch.full((n_req,), cfg.nll_weight, device=device)
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -167,18 +187,25 @@ def _optimize_batch(
             log_probs = torch.log_softmax(logits.float(), dim=-1)
 
             token_lp = log_probs.gather(2, target_ids.unsqueeze(2)).squeeze(2) * target_mask
-            row_nll = -token_lp.sum(1) / target_mask.sum(1).clamp(min=1)
+            row_nll = -token_lp.sum(1) / row_norm
             nll = torch.zeros(n_req, device=device).index_add(0, owner[~is_kl], row_nll[~is_kl]) / n_tmpl
 
             kl_lp = log_probs[is_kl, lookup[is_kl]]
             if kl_init is None:
                 kl_init = kl_lp.detach()
-            kl = cfg.kl_factor * (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+            kl_raw = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+            kl = cfg.kl_factor * kl_raw
 
             wd = sum(
                 cfg.weight_decay * deltas[s].norm(dim=1) / init[s].norm(dim=1).pow(2).clamp(min=1e-12) for s in sites
             )
-            loss = nll + kl + wd
+            loss = nll_weight * nll + kl + wd
+            if cfg.adaptive_nll:
+                # PMET: "prob == maxprob", i.e. every answer token of every prompt is the argmax.
+                wrong = ((log_probs.argmax(-1) != target_ids) & (target_mask > 0)).any(1).float()
+                solved = torch.zeros(n_req, device=device).index_add(0, owner, wrong) == 0
+                active &= ~(solved & (kl_raw.detach() <= cfg.kl_stop))
+                nll_weight = torch.where(solved, 0.1 * cfg.nll_weight, cfg.nll_weight)
             active &= loss.detach() >= cfg.loss_stop
             if it == cfg.steps - 1 or not bool(active.any()):
                 break
@@ -204,3 +231,106 @@ def _optimize_batch(
         nll=nll.detach().cpu(),
     )
 
+
+
+class TargetCache:
+    """Target vectors on disk, one file per request, named by a hash of everything that shapes
+    them: model, sites, optimisation settings (not the batch size), context templates, the
+    request, the answer, and ``state`` (the edit history in sequential mode; empty otherwise).
+    Settings that only act after the optimisation (CoME's α and p) are not part of the key, so a
+    sweep over them reuses the vectors.
+    """
+
+    def __init__(self, directory: Path | str, model_id: str) -> None:
+        self.dir = Path(directory)
+        self.model_id = model_id
+        self.state = ""
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, payload: dict) -> str:
+        blob = json.dumps({"model": self.model_id, "state": self.state, **payload}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.pt"
+
+    def load(self, key: str) -> dict | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save(self, key: str, entry: dict) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(entry, tmp)
+        tmp.replace(path)
+
+
+def cached_targets(
+    cache: TargetCache | None,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    sites: Sequence[str],
+    context_groups: Sequence[Sequence[str]],
+    cfg: TargetConfig,
+    answers: Sequence[str] | None = None,
+    norm_lengths: Sequence[int] | None = None,
+    progress: bool = False,
+) -> Targets:
+    """:func:`optimize_targets`, reading and writing ``cache`` per request when one is given."""
+    if answers is None:
+        answers = new_answers(requests)
+    if cache is None:
+        return optimize_targets(model, tokenizer, requests, sites, context_groups, cfg, answers, progress, norm_lengths)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+    keys = [
+        cache.key(
+            {
+                "sites": list(sites),
+                "settings": settings,
+                "context": [list(g) for g in context_groups],
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "answer": answer,
+                "norm_length": None if norm_lengths is None else int(norm_lengths[i]),
+            }
+        )
+        for i, (r, answer) in enumerate(zip(requests, answers))
+    ]
+    entries = [cache.load(k) for k in keys]
+    todo = [i for i, e in enumerate(entries) if e is None]
+    cache.hits += len(requests) - len(todo)
+    cache.misses += len(todo)
+    if todo:
+        fresh = optimize_targets(
+            model,
+            tokenizer,
+            [requests[i] for i in todo],
+            sites,
+            context_groups,
+            cfg,
+            [answers[i] for i in todo],
+            progress,
+            None if norm_lengths is None else [norm_lengths[i] for i in todo],
+        )
+        for j, i in enumerate(todo):
+            entries[i] = {
+                "delta": {s: fresh.delta[s][j].cpu() for s in sites},
+                "init": {s: fresh.init[s][j].cpu() for s in sites},
+                "steps": int(fresh.steps[j]),
+                "loss": float(fresh.loss[j]),
+                "nll": float(fresh.nll[j]),
+            }
+            cache.save(keys[i], entries[i])
+    device = model_device(model)
+    return Targets(
+        delta={s: torch.stack([e["delta"][s] for e in entries]).to(device) for s in sites},
+        init={s: torch.stack([e["init"][s] for e in entries]).to(device) for s in sites},
+        steps=torch.tensor([e["steps"] for e in entries]),
+        loss=torch.tensor([e["loss"] for e in entries]),
+        nll=torch.tensor([e["nll"] for e in entries]),
+    )

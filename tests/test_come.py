@@ -1,0 +1,162 @@
+"""CoME and PMET: the spec's unit checks, reduction to the base method, edits on three architectures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from editors.come import (
+    ComeMemit,
+    ComeMemitConfig,
+    ComePmet,
+    ComePmetConfig,
+    ComeSettings,
+    combine,
+    common_component,
+    top_p_mask,
+)
+from editors.core.covariance import SecondMoments, StatsConfig
+from editors.core.targets import TargetCache, TargetConfig
+from editors.memit import Memit, MemitConfig
+from editors.pmet import Pmet, PmetConfig
+from tests.conftest import make_corpus
+from tests.editing_fixtures import ARCHS, SPECS, model, tokenizer
+from tests.test_editors import REQUESTS, _logprobs
+
+
+def test_top_p_mask_size_matches_the_reference_rule():
+    z0 = torch.randn(3, 4096)
+    mask = top_p_mask(z0, 0.2)
+    assert mask.sum(-1).tolist() == [4096 - math.floor(0.8 * 4096) + 1] * 3 == [821] * 3
+    # the chosen coordinates are the largest signed values, not the largest magnitudes
+    magnitude = top_p_mask(z0, 0.2, "magnitude")
+    for row in range(3):
+        assert z0[row][mask[row]].min() >= z0[row][~mask[row]].max()
+        assert z0[row].abs()[magnitude[row]].min() >= z0[row].abs()[~magnitude[row]].max()
+    assert bool(top_p_mask(z0, 0.2, "none").all())
+
+
+def test_common_component_lies_on_the_bisector_with_the_half_angle_norm():
+    torch.manual_seed(0)
+    delta, delta_old = torch.randn(5, 64), torch.randn(5, 64)
+    common, guard = common_component(delta, delta_old)
+    assert not guard.any()
+    u, u_old = delta / delta.norm(dim=-1, keepdim=True), delta_old / delta_old.norm(dim=-1, keepdim=True)
+    bisector = (u + u_old) / (u + u_old).norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(common / common.norm(dim=-1, keepdim=True), bisector)
+    theta = torch.arccos((u * u_old).sum(-1))
+    torch.testing.assert_close(common.norm(dim=-1), delta_old.norm(dim=-1) * torch.cos(theta / 2))
+
+
+def test_zero_vectors_never_give_nan_and_are_counted():
+    delta = torch.randn(3, 16)
+    delta_old = torch.randn(3, 16)
+    delta_old[1] = 0
+    delta[2] = 0
+    z, info = combine(torch.randn(3, 16), delta, delta_old, ComeSettings())
+    assert torch.isfinite(z).all()
+    assert info["come_zero_norm_guard"] == [0.0, 1.0, 1.0]
+
+
+def test_combination_formula_code_and_paper_forms():
+    torch.manual_seed(1)
+    h, delta, delta_old = torch.randn(2, 32), torch.randn(2, 32), torch.randn(2, 32)
+    z0 = h + delta
+    mask = top_p_mask(z0, 0.2)
+    common, _ = common_component(delta, delta_old)
+    code, _ = combine(h, delta, delta_old, ComeSettings(unlearn_weight=0.3))
+    torch.testing.assert_close(code, torch.where(mask, z0 - 0.3 * delta_old + common, z0))
+    paper, _ = combine(h, delta, delta_old, ComeSettings(unlearn_weight=0.3, common_coefficient="paper"))
+    torch.testing.assert_close(paper, torch.where(mask, z0 - 0.3 * (delta_old - common), z0))
+    ablated, _ = combine(h, delta, delta_old, ComeSettings(unlearn_weight=0.3, subtract_unlearning=False, add_common=False))
+    assert torch.equal(ablated, z0)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request, tmp_path_factory):
+    arch = request.param
+    tok = tokenizer(arch)
+    net = model(arch, tok)
+    stats = SecondMoments(
+        net, tok, f"tiny-{arch}", StatsConfig(n_samples=200), make_corpus, tmp_path_factory.mktemp("stats"), progress=False
+    )
+    return arch, tok, net, stats
+
+
+BASE = dict(layers=[1, 2], update_weight=1.0, context_templates=[])
+
+
+def _pairs(arch, stats):
+    spec = SPECS[arch]
+    memit_target = TargetConfig(steps=8)
+    pmet_target = TargetConfig(steps=8, lr=0.2, kl_factor=1.0, adaptive_nll=True)
+    paper_zero = dict(unlearn_weight=0.0, common_coefficient="paper")
+    return {
+        "memit": (
+            Memit(MemitConfig(**BASE, target=memit_target), spec, stats),
+            ComeMemit(ComeMemitConfig(**BASE, target=memit_target, **paper_zero), spec, stats),
+        ),
+        "pmet": (
+            Pmet(PmetConfig(**BASE, target=pmet_target), spec, stats),
+            ComePmet(ComePmetConfig(**BASE, target=pmet_target, **paper_zero), spec, stats),
+        ),
+    }
+
+
+@pytest.mark.parametrize("base", ["memit", "pmet"])
+def test_alpha_zero_paper_form_reduces_come_to_its_base_exactly(setup, base):
+    arch, tok, net, stats = setup
+    plain, come = _pairs(arch, stats)[base]
+    expected = plain.apply(net, tok, REQUESTS)
+    got = come.apply(net, tok, REQUESTS)
+    assert expected.deltas.keys() == got.deltas.keys()
+    for name in expected.deltas:
+        assert torch.equal(expected.deltas[name], got.deltas[name]), name
+    # the code-form coefficient keeps δ″ even at α = 0, so it differs
+    come.config = replace(come.config, common_coefficient="code")
+    changed = come.apply(net, tok, REQUESTS)
+    assert any(not torch.equal(expected.deltas[n], changed.deltas[n]) for n in expected.deltas)
+
+
+@pytest.mark.parametrize("editor", ["pmet", "come_memit", "come_pmet"])
+def test_pmet_and_come_raise_p_target_new(setup, editor):
+    arch, tok, net, stats = setup
+    spec = SPECS[arch]
+    editors = {
+        "pmet": Pmet(PmetConfig(**BASE), spec, stats),
+        "come_memit": ComeMemit(ComeMemitConfig(**BASE), spec, stats),
+        "come_pmet": ComePmet(ComePmetConfig(**BASE), spec, stats),
+    }
+    original = {n: p.detach().clone() for n, p in net.named_parameters()}
+    before = _logprobs(net, tok)
+    delta = editors[editor].apply(net, tok, REQUESTS)
+    assert all(torch.equal(original[n], p) for n, p in net.named_parameters())
+    assert all(name.startswith(tuple(spec.mlp_out_name(layer) for layer in (1, 2))) for name in delta.deltas)
+    with delta.applied(net):
+        after = _logprobs(net, tok)
+    assert bool((after > before).all()) and float((after - before).mean()) > 0.2, f"{arch}/{editor}: {before} -> {after}"
+    if editor.startswith("come"):
+        assert len(delta.case_diagnostics["come_zero_norm_guard"]) == len(REQUESTS)
+
+
+def test_target_cache_serves_an_alpha_sweep_without_reoptimising(setup, tmp_path):
+    arch, tok, net, stats = setup
+    cache = TargetCache(tmp_path, f"tiny-{arch}")
+    first = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
+    d1 = first.apply(net, tok, REQUESTS)
+    assert (cache.hits, cache.misses) == (0, 2 * len(REQUESTS))  # δ′ and δ per request
+    second = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6), unlearn_weight=0.5), SPECS[arch], stats, cache=cache)
+    d2 = second.apply(net, tok, REQUESTS)
+    assert (cache.hits, cache.misses) == (2 * len(REQUESTS), 2 * len(REQUESTS))
+    assert any(not torch.equal(d1.deltas[n], d2.deltas[n]) for n in d1.deltas)  # α changed the result
+    # the same α again reproduces the first run exactly from the cache
+    third = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
+    d3 = third.apply(net, tok, REQUESTS)
+    for name in d1.deltas:
+        torch.testing.assert_close(d1.deltas[name], d3.deltas[name])
+    cache.state = "after-some-sequential-edits"
+    third.apply(net, tok, REQUESTS)
+    assert cache.misses == 4 * len(REQUESTS)  # the edit history is part of the key
