@@ -140,7 +140,6 @@ def _optimize_batch(
 
     # Teacher-forced target positions: the logits at position p predict token p+1, so the answer
     # tokens are predicted from positions len-T .. len-1 of each rewriting row.
-    width = enc.input_ids.shape[1]
     target_ids = torch.zeros_like(enc.input_ids)
     target_mask = torch.zeros(enc.input_ids.shape, dtype=torch.float32, device=device)
     for row, ids in enumerate(targets):
