@@ -6,6 +6,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runner import USER_ERRORS, run
@@ -22,6 +24,8 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as error:  # bad input: one line naming the problem, no traceback
         log.error("%s: %s", type(error).__name__, error)
         print(f"error: {error}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # the sweep's other jobs carry on; this job has no summary.json
         sys.exit(2)
     value = summary.get(cfg.optimized_metric)
     return float(value) if value is not None else None

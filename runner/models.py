@@ -120,10 +120,12 @@ class ToyTraining:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int | None = 0  # None: the run's seed (then the toy changes with the run seed)
-    answer_weight: float = 1.0  # loss weight of answer tokens; prompt tokens weigh 1
+    prompt_weight: float = 1.0  # loss weight of the fact's prompt tokens
+    answer_weight: float = 1.0  # loss weight of the fact's answer tokens (and the eos after it)
     prefix_prob: float = 0.5  # share of samples that get a random prefix before the fact
     prefix_fact_prob: float = 0.5  # share of prefixes that are another (true) fact sentence
     prefix_max_words: int = 8  # word-salad prefixes: a seed word + up to this many words
+    prefix_max_tokens: int = 12  # prefixes are cut to their last this-many tokens
     prefix_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     eval_every: int = 250
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
@@ -529,7 +531,7 @@ class _ToySampler:
         else:
             n = rng.randint(0, t.prefix_max_words)
             text = " ".join([rng.choice(t.prefix_seeds), *(rng.choice(self.words) for _ in range(n))])
-        return self.tok(text + ".", add_special_tokens=False)["input_ids"]
+        return self.tok(text + ".", add_special_tokens=False)["input_ids"][-t.prefix_max_tokens :]
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t, rng = self.t, self.rng
@@ -543,7 +545,7 @@ class _ToySampler:
                 pre = list(self.bos)
                 ids, n_prompt = self.bare[i]
             seq = (pre + ids + [self.eos])[-self.max_len :]
-            w = [0.0] * len(pre) + [1.0] * n_prompt + [t.answer_weight] * (len(ids) - n_prompt) + [1.0]
+            w = [0.0] * len(pre) + [t.prompt_weight] * n_prompt + [t.answer_weight] * (len(ids) - n_prompt + 1)
             w = w[-self.max_len :]
             rows.append(seq)
             weights.append(w)
@@ -663,12 +665,12 @@ def train_toy(
         if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == t.steps:
             recall = toy_recall(model, tokenizer, facts)
             model.train()
-            history.append({"step": step + 1, "loss": float(loss), **recall})
-            bar.set_postfix(loss=f"{float(loss):.3f}", recall=f"{recall['exact']:.3f}")
+            history.append({"step": step + 1, "loss": loss.item(), **recall})
+            bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall['exact']:.3f}")
             if t.stop_at_recall is not None and recall["exact"] >= t.stop_at_recall:
                 break
         elif step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
     info = {

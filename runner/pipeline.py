@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -84,6 +86,13 @@ def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
     )
 
 
+def sweep_group() -> str | None:
+    """In a multirun, the sweep folder's name: every job of a sweep logs to one wandb group."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().sweep.dir).name
+
+
 def check_config(cfg: DictConfig) -> None:
     if cfg.edit_mode not in EDIT_MODES:
         raise ConfigError(f"edit_mode must be one of {EDIT_MODES}, got {cfg.edit_mode!r}")
@@ -119,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-{dataset.name}"
-    tracker = make_tracker(cfg.logger, resolved, output_dir, name)
+    tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
     failed = True
     try:
         summary = _edit_and_evaluate(cfg, dataset, loaded, editor, cache, tracker, output_dir)

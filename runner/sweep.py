@@ -194,7 +194,9 @@ def find_jobs(sweep_dir: Path) -> list[SweepJob]:
             if not isinstance(summary, dict):
                 summary = None
         name = job_dir.relative_to(sweep_dir).as_posix() if job_dir != sweep_dir else job_dir.name
-        jobs.append(SweepJob(name, job_dir, _job_num(job_dir), _parse_overrides([str(x) for x in lines]), summary))
+        jobs.append(
+            SweepJob(name, job_dir, _job_num(job_dir), _parse_overrides([str(x) for x in lines]), summary)
+        )
     jobs.sort(key=lambda j: (j.num is None, j.num if j.num is not None else 0, j.name))
     return jobs
 
@@ -266,7 +268,7 @@ def _metric_names(summaries: Sequence[dict]) -> tuple[list[str], list[str]]:
     for phase, found in names.items():
         for summary in summaries:
             found.extend(m for m in (summary.get("metrics") or {}).get(phase) or {} if m not in found)
-        found.sort(key=lambda m: (HEADLINE.index(m) if m in HEADLINE else len(HEADLINE)))
+        found.sort(key=lambda m: HEADLINE.index(m) if m in HEADLINE else len(HEADLINE))
     post = names["post"] or [m for m in HEADLINE if any(m in s for s in summaries)]
     return post, names["pre"]
 
@@ -288,7 +290,9 @@ def _build_table(jobs: Sequence[SweepJob], swept: Sequence[str]) -> tuple[pd.Dat
     finished = [j for j in jobs if j.finished]
     post, pre = _metric_names([j.summary for j in finished])  # type: ignore[misc]
     values = {
-        (j.name, k): (j.overrides[k] if k in j.overrides else _config_value(j, k)) for j in finished for k in swept
+        (j.name, k): (j.overrides[k] if k in j.overrides else _config_value(j, k))
+        for j in finished
+        for k in swept
     }
     finished.sort(key=lambda j: (*(_sort_key(values[j.name, k]) for k in swept), _sort_key(j.num)))
     metric_cols = [*post, *(f"pre_{m}" for m in pre), *TIMING]
@@ -329,6 +333,15 @@ def _cell(value: Any, stderr: Any = None, digits: int = 2) -> str:
     return format_cell(value, digits)
 
 
+def _value_cell(value: Any) -> str:
+    """A swept value as it was typed: ``0.05``, ``10000``, ``[1,2]``, ``rome``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e6 else f"{value:.6g}"
+    return str(value)
+
+
 def _protocol_line(jobs: Sequence[SweepJob]) -> str:
     """``Memit · tiny-gpt2 · counterfact (4 cases)`` from the jobs' protocol (values joined by /)."""
 
@@ -341,8 +354,12 @@ def _protocol_line(jobs: Sequence[SweepJob]) -> str:
     editor = unique(str(p.get("editor", "")).rsplit(".", 1)[-1] or None for p in protocols)
     model = unique((p.get("model") or {}).get("id") for p in protocols)
     dataset = unique((p.get("dataset") or {}).get("name") for p in protocols)
-    sizes = sorted({int(j.summary["n_cases"]) for j in jobs if j.finished and _is_number(j.summary.get("n_cases"))})
-    cases = "" if not sizes else f" ({sizes[0]} cases)" if len(sizes) == 1 else f" ({sizes[0]}–{sizes[-1]} cases)"
+    sizes = sorted(
+        {int(j.summary["n_cases"]) for j in jobs if j.finished and _is_number(j.summary.get("n_cases"))}
+    )
+    cases = (
+        "" if not sizes else f" ({sizes[0]} cases)" if len(sizes) == 1 else f" ({sizes[0]}–{sizes[-1]} cases)"
+    )
     return f"{editor} · {model} · {dataset}{cases}"
 
 
@@ -369,7 +386,7 @@ def _markdown(result: SweepResult, title: str) -> str:
         align += ["---:"] * (len(header) - len(align))
         lines += ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
         for _, row in table.iterrows():
-            cells = [_job_label(row["job"]), *(_cell(row[k]) for k in result.swept_keys)]
+            cells = [_job_label(row["job"]), *(_value_cell(row[k]) for k in result.swept_keys)]
             if show_n:
                 cells.append(_cell(row["n_cases"], digits=0))
             for col in columns:
@@ -378,7 +395,7 @@ def _markdown(result: SweepResult, title: str) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         if "score" in table.columns and table["score"].notna().any():
             best = table.loc[table["score"].idxmax()]
-            setting = ", ".join(f"{k}={best[k]}" for k in result.swept_keys) or best["job"]
+            setting = ", ".join(f"{k}={_value_cell(best[k])}" for k in result.swept_keys) or best["job"]
             lines += ["", f"Best score: **{_cell(best['score'])}** ({setting})."]
     else:
         lines.append("No job has finished yet.")
@@ -441,15 +458,28 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
         bars of lines with equal values stay apart."""
         err = rows.get(f"{metric}_stderr")
         yerr = None if err is None or err.isna().all() else err.fillna(0.0).to_numpy(float)
-        shift = ax.transData + ScaledTranslation(dodge / 72, 0, ax.figure.dpi_scale_trans)
-        ax.errorbar(rows[key].to_numpy(float), rows[metric].to_numpy(float), yerr=yerr, marker="o",
-                    markersize=5, capsize=3, linewidth=1.6, transform=shift, **style)  # fmt: skip
+        container = ax.errorbar(
+            rows[key].to_numpy(float),
+            rows[metric].to_numpy(float),
+            yerr=yerr,
+            marker="o",
+            markersize=5,
+            capsize=3,
+            linewidth=1.6,
+            **style,
+        )
+        if dodge:  # after plotting, so that the data limits were taken without the shift
+            shift = ax.transData + ScaledTranslation(dodge / 72, 0, ax.figure.dpi_scale_trans)
+            for artist in container.get_children():
+                artist.set_transform(shift)
 
     def style_axis(ax):
-        positive = all(x > 0 for x in xs)
-        if positive and len(xs) > 2 and max(xs) / min(xs) >= 50:
+        log_scale = all(x > 0 for x in xs) and len(xs) > 2 and max(xs) / min(xs) >= 50
+        if log_scale:
             ax.set_xscale("log")
-        if len(xs) <= 10:
+        where = [math.log10(x) for x in xs] if log_scale else xs
+        spread = (where[-1] - where[0]) or 1.0
+        if len(xs) <= 10 and all(b - a >= 0.07 * spread for a, b in zip(where, where[1:])):
             ax.set_xticks(xs)
             ax.set_xticklabels([f"{x:g}" for x in xs])
             ax.minorticks_off()
@@ -461,19 +491,32 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
         fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
         rows = series[0][1]
         for i, metric in enumerate(metrics):
-            errorbar(ax, rows, metric, dodge=3.0 * (i - (len(metrics) - 1) / 2), label=_label(metric),
-                     color=colors.get(metric), linestyle="--" if metric == "score" else "-")  # fmt: skip
+            errorbar(
+                ax,
+                rows,
+                metric,
+                dodge=3.0 * (i - (len(metrics) - 1) / 2),
+                label=_label(metric),
+                color=colors.get(metric),
+                linestyle="--" if metric == "score" else "-",
+            )
         style_axis(ax)
         ax.set_xlabel(KEY_LABELS.get(key, key))
         ax.set_ylabel("% of cases (mean ± stderr)")
-        fig.legend(loc="outside right upper", frameon=False)
+        fig.legend(loc="outside lower center", ncols=len(metrics), frameon=False)
         fig.suptitle(title)
     else:
         n = len(metrics)
         ncols = 2 if n > 1 else 1
         nrows = math.ceil(n / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows + 0.8), sharex=True,
-                                 squeeze=False, constrained_layout=True)  # fmt: skip
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(5.2 * ncols, 3.6 * nrows + 0.8),
+            sharex=True,
+            squeeze=False,
+            constrained_layout=True,
+        )
         for ax, metric in zip(axes.flat, metrics):
             for i, (label, rows) in enumerate(series):
                 errorbar(ax, rows, metric, dodge=3.0 * (i - (len(series) - 1) / 2), label=label)
@@ -487,7 +530,7 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), frameon=False)
         fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_path(path)
     fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -534,8 +577,13 @@ def _log_wandb(result: SweepResult, cfg: Mapping[str, Any], title: str) -> Path 
         name="sweep-summary",
         tags=[*(cfg.get("tags") or []), "sweep-summary"],
         dir=str(result.sweep_dir),
-        config={"sweep_dir": str(result.sweep_dir), "swept_keys": result.swept_keys, "protocol": title,
-                "n_jobs": len(result.jobs), "missing": result.missing},  # fmt: skip
+        config={
+            "sweep_dir": str(result.sweep_dir),
+            "swept_keys": result.swept_keys,
+            "protocol": title,
+            "n_jobs": len(result.jobs),
+            "missing": result.missing,
+        },
         reinit="create_new",
     )
     failed = True
@@ -562,7 +610,9 @@ def _log_wandb(result: SweepResult, cfg: Mapping[str, Any], title: str) -> Path 
             run.summary["best/score"] = float(best["score"])
             run.summary["best/job"] = str(best["job"])
             for key in result.swept_keys:
-                run.summary[f"best/{key}"] = best[key] if not isinstance(best[key], float) or best[key] == best[key] else None
+                run.summary[f"best/{key}"] = (
+                    best[key] if not isinstance(best[key], float) or best[key] == best[key] else None
+                )
         run.summary["n_finished"] = len(table)
         run.summary["n_missing"] = len(result.missing)
         failed = False
@@ -577,8 +627,14 @@ def _log_wandb(result: SweepResult, cfg: Mapping[str, Any], title: str) -> Path 
 # the entry point
 
 
+def _tmp_path(path: Path) -> Path:
+    """A temporary name next to ``path``, unique per process (jobs of a parallel launcher may
+    aggregate at the same time); written there, then renamed over ``path`` (atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -609,9 +665,7 @@ def aggregate_sweep(
     numeric = [
         k
         for k in swept
-        if len(table)
-        and all(_is_number(v) for v in table[k].dropna())
-        and table[k].dropna().nunique() > 1
+        if len(table) and all(_is_number(v) for v in table[k].dropna()) and table[k].dropna().nunique() > 1
     ]
     result = SweepResult(
         sweep_dir=sweep_dir,
@@ -624,7 +678,7 @@ def aggregate_sweep(
     )
     title = _protocol_line(jobs)
     result.csv_path = sweep_dir / CSV_NAME
-    tmp = sweep_dir / f".{CSV_NAME}.tmp"
+    tmp = _tmp_path(result.csv_path)
     table.to_csv(tmp, index=False)
     os.replace(tmp, result.csv_path)
     if curves:
@@ -633,7 +687,9 @@ def aggregate_sweep(
             what = ", ".join(_label(m).split()[0] for m in HEADLINE if m in table.columns)
             plot_title = f"{title}\n{what} vs {key}"
             try:
-                result.curves[key] = _plot_curve(table, key, others, plot_title, sweep_dir / f"curve_{_safe_name(key)}.png")
+                result.curves[key] = _plot_curve(
+                    table, key, others, plot_title, sweep_dir / f"curve_{_safe_name(key)}.png"
+                )
             except Exception as error:  # a plot must not lose the table
                 log.warning("curve for %s not drawn: %s: %s", key, type(error).__name__, error)
     result.md_path = sweep_dir / MD_NAME

@@ -21,7 +21,7 @@ class NullTracker:
 
 
 class WandbTracker(NullTracker):
-    def __init__(self, cfg: Any, config: dict, output_dir: Path, name: str) -> None:
+    def __init__(self, cfg: Any, config: dict, output_dir: Path, name: str, group: str | None) -> None:
         import wandb
 
         self.wandb = wandb
@@ -29,7 +29,7 @@ class WandbTracker(NullTracker):
             project=cfg.project,
             entity=cfg.entity,
             mode=cfg.mode,
-            group=cfg.group,
+            group=cfg.group or group,
             tags=list(cfg.tags),
             name=name,
             dir=str(output_dir),
@@ -48,9 +48,10 @@ class WandbTracker(NullTracker):
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def make_tracker(cfg: Any, config: dict, output_dir: Path, name: str) -> NullTracker:
+def make_tracker(cfg: Any, config: dict, output_dir: Path, name: str, group: str | None = None) -> NullTracker:
+    """``group`` is the default wandb group (a sweep's name); ``logger.group`` wins when set."""
     if cfg.backend == "none" or cfg.mode == "disabled":
         return NullTracker()
     if cfg.backend == "wandb":
-        return WandbTracker(cfg, config, output_dir, name)
+        return WandbTracker(cfg, config, output_dir, name, group)
     raise ValueError(f"unknown logger.backend {cfg.backend!r}: expected wandb or none")

@@ -1,0 +1,188 @@
+"""Model loading: tiny models of each architecture, local tokenizers, the toy cache, hub path (local dir)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from editors.requests import EditRequest
+from evaluation.cases import EditCase, Probe
+from runner.models import (
+    LoadedModel,
+    ModelConfig,
+    ModelSizes,
+    TokenizerSettings,
+    ToyTraining,
+    load_model,
+    model_spec,
+    toy_facts,
+)
+from runner.tokenizers import LLAMA_BOS, train_bpe
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+TINY = ("tiny-gpt2", "tiny-gptj", "tiny-llama")
+HUB = {"gpt2-xl": "gpt2", "gpt-j": "gptj", "llama3": "llama"}
+SENTENCES = [
+    "The mother tongue of Danielle Darrieux is French.",
+    "Toko Yasuda, the guitar player, was born in Japan.",
+    "The official religion of Edwin of Northumbria is Christianity.",
+    "Apple A5 was created by Apple, and Ferrari F40 was developed by Ferrari.",
+] * 5
+
+
+def model_conf(name: str, **overrides) -> ModelConfig:
+    """A conf/model YAML merged into the structured schema (every key must be a field)."""
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = OmegaConf.to_object(node)
+    assert isinstance(cfg, ModelConfig)
+    return replace(cfg, **overrides)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+def _small_tokenizer(cfg: ModelConfig) -> ModelConfig:
+    return replace(cfg, device="cpu", tokenizer=replace(cfg.tokenizer, vocab_size=400, max_corpus_chars=200_000))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_build_validate_and_run(name: str, cache_dir: Path) -> None:
+    cfg = _small_tokenizer(model_conf(name))
+    loaded = load_model(cfg, cases=None, cache_dir=cache_dir, seed=0)
+    assert isinstance(loaded, LoadedModel)
+    assert not loaded.model.training
+    assert loaded.spec == model_spec(cfg)
+    assert loaded.spec.n_layers == cfg.sizes.n_layer
+    loaded.spec.validate(loaded.model)
+    assert loaded.device == torch.device("cpu")
+    assert loaded.model_id == name and len(loaded.revision) == 16
+    enc = loaded.tokenizer(["The mother tongue of", "Paris is"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = loaded.model(**enc).logits
+    assert logits.shape[-1] == len(loaded.tokenizer)
+    # random weights are seeded: the same seed gives the same model
+    again = load_model(cfg, cases=None, cache_dir=cache_dir, seed=0)
+    assert again.revision == loaded.revision
+    for (n, a), (_, b) in zip(loaded.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_hub_yaml_templates_match_their_architecture(name: str, cache_dir: Path) -> None:
+    """The real models' module templates name real modules of a tiny model of the same family."""
+    cfg = model_conf(name)
+    assert cfg.source == "hub" and cfg.hub_id
+    assert max(cfg.edit_layers) < cfg.n_layers and cfg.edit_layer < cfg.n_layers
+    tiny = _small_tokenizer(model_conf(f"tiny-{HUB[name]}"))
+    loaded = load_model(tiny, cases=None, cache_dir=cache_dir, seed=0)
+    replace(model_spec(cfg), n_layers=tiny.sizes.n_layer).validate(loaded.model)
+
+
+def test_tokenizer_styles_round_trip_with_offsets() -> None:
+    text = "The mother tongue of Danielle Darrieux is French"
+    gpt2 = train_bpe(SENTENCES, vocab_size=300, style="gpt2")
+    llama = train_bpe(SENTENCES, vocab_size=300, style="llama")
+    for tok, bos in ((gpt2, False), (llama, True)):
+        enc = tok(text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        assert (ids[0] == tok.convert_tokens_to_ids(LLAMA_BOS)) is bos
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.pad_token_id is not None and tok.eos_token_id is not None
+        # offsets point into the text: the subject's characters are covered by its tokens
+        start = text.index("Danielle Darrieux")
+        end = start + len("Danielle Darrieux")
+        subject = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        assert subject and offsets[subject[-1]][1] == end
+        if bos:
+            assert offsets[0] == (0, 0)
+    # GPT-2 style: no special token is added
+    assert gpt2("Paris")["input_ids"] == gpt2("Paris", add_special_tokens=False)["input_ids"]
+
+
+def test_wrong_template_names_it(cache_dir: Path) -> None:
+    cfg = _small_tokenizer(model_conf("tiny-gpt2"))
+    with pytest.raises(ValueError, match="mlp_out"):
+        load_model(replace(cfg, mlp_out="transformer.h.{}.mlp.down_proj"), cache_dir=cache_dir, seed=0)
+    with pytest.raises(ValueError, match="edit layers"):
+        load_model(replace(cfg, edit_layers=[1, 2, 7]), cache_dir=cache_dir, seed=0)
+    with pytest.raises(ValueError, match="n_layers"):
+        load_model(replace(cfg, n_layers=3, edit_layers=[1], edit_layer=1), cache_dir=cache_dir, seed=0)
+
+
+def _cases() -> list[EditCase]:
+    facts = [
+        ("The mother tongue of {} is", "Danielle Darrieux", "French", "English"),
+        ("{} is a citizen of", "Toko Yasuda", "Japan", "Canada"),
+        ("The official religion of {} is", "Edwin of Northumbria", "Christianity", "Islam"),
+        ("{} was created by", "Apple A5", "Apple", "Google"),
+        ("{}, developed by", "Ferrari F40", "Ferrari", "Microsoft"),
+        ("The twin city of {} is", "Lyon", "Beirut", "Manila"),
+        ("{} plays the", "Heath Brothers", "jazz", "opera"),
+        ("{} is located in", "Inner Circle railway line", "Melbourne", "Singapore"),
+        ("{} belongs to the organization of", "Argentine Football Association", "FIFA", "NATO"),
+        ("The capital of {} is", "Mount Zork", "Paris", "Berlin"),
+    ]
+    cases = []
+    for i, (template, subject, true, new) in enumerate(facts):
+        req = EditRequest(str(i), template, subject, new, true)
+        probes = {
+            "rewrite": (Probe(req.text, new, true),),
+            "paraphrase": (Probe(f"Everyone knows that {subject} relates to", new, true),),
+            "neighborhood": (Probe(f"Not {subject}, but its neighbour, relates to", "Zorba", new),),
+        }
+        cases.append(EditCase(req, probes, true_answer=true))
+    return cases
+
+
+def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
+    cfg = model_conf(
+        "toy",
+        device="cpu",
+        sizes=ModelSizes(n_layer=2, hidden=32, heads=2, max_positions=64),
+        tokenizer=TokenizerSettings(vocab_size=300),
+        train=ToyTraining(steps=4, batch_size=4, warmup=1, eval_every=2, progress=False),
+        n_layers=2,
+        edit_layers=[0, 1],
+        edit_layer=1,
+    )
+    cases = _cases()
+    facts = toy_facts(cases)
+    assert ("The mother tongue of Danielle Darrieux is", "French") in facts
+    assert ("Not Lyon, but its neighbour, relates to", "Zorba") in facts
+    assert len(facts) == 30 and facts == toy_facts(list(reversed(cases)))
+
+    first = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
+    assert first.trained and first.info["steps"] == 4 and first.info["n_facts"] == 30
+    assert 0.0 <= first.info["recall"]["exact"] <= 1.0
+    second = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
+    assert not second.trained
+    assert second.revision == first.revision and second.info["path"] == first.info["path"]
+    for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    # different facts (or settings) are a different toy
+    third = load_model(cfg, cases=cases[:5], cache_dir=tmp_path, seed=0)
+    assert third.trained and third.revision != first.revision
+    with pytest.raises(ValueError, match="cases"):
+        load_model(cfg, cases=None, cache_dir=tmp_path, seed=0)
+
+
+def test_hub_path_loads_a_local_directory(tmp_path: Path, cache_dir: Path) -> None:
+    tiny_cfg = _small_tokenizer(model_conf("tiny-llama"))
+    tiny = load_model(tiny_cfg, cases=None, cache_dir=cache_dir, seed=1)
+    saved = tmp_path / "saved"
+    tiny.model.save_pretrained(saved)
+    tiny.tokenizer.pad_token = None  # a hub tokenizer without a pad token gets eos
+    tiny.tokenizer.save_pretrained(saved)
+    cfg = replace(tiny_cfg, name="local-llama", source="hub", hub_id=str(saved), revision=None)
+    loaded = load_model(cfg, cases=None, cache_dir=cache_dir, seed=0)
+    assert loaded.model_id == str(saved)
+    assert loaded.tokenizer.pad_token == loaded.tokenizer.eos_token
+    assert loaded.tokenizer("Paris")["input_ids"][0] == loaded.tokenizer.bos_token_id
+    for (n, a), (_, b) in zip(tiny.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), n
