@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from editors.requests import fill
 from editors.spec import ModelSpec
 from evaluation.cases import EditCase
 from runner.tokenizers import atomic_dir, content_hash, load_or_train_tokenizer
@@ -127,6 +128,9 @@ class ToyTraining:
     prefix_max_words: int = 8  # word-salad prefixes: a seed word + up to this many words
     prefix_max_tokens: int = 12  # prefixes are cut to their last this-many tokens
     prefix_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    # Extra sentences per case that put the true answer right after the subject ("{}" is the
+    # subject): they make the model look the fact up at the subject's last token.
+    subject_templates: list[str] = field(default_factory=list)
     eval_every: int = 250
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
     progress: bool = True
@@ -437,7 +441,7 @@ def _load_tiny(cfg: ModelConfig, *, cache_dir: Path, seed: int) -> LoadedModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def toy_facts(cases: Sequence[EditCase]) -> list[tuple[str, str]]:
+def toy_facts(cases: Sequence[EditCase], subject_templates: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(prompt, answer) pairs the toy learns: the TRUE facts behind the run's cases.
 
     For each case: the rewrite prompt and every paraphrase prompt with the pre-edit answer
@@ -452,6 +456,7 @@ def toy_facts(cases: Sequence[EditCase]) -> list[tuple[str, str]]:
         pairs = [(case.request.text, true)]
         pairs += [(p.prompt, true) for p in case.probes.get("paraphrase", ())]
         pairs += [(p.prompt, p.target) for p in case.probes.get("neighborhood", ())]
+        pairs += [(fill(t, case.request.subject), true) for t in subject_templates]
         for prompt, answer in pairs:
             if prompt.strip() and answer and prompt not in seen:
                 seen[prompt] = answer
@@ -473,7 +478,7 @@ def _toy_key(cfg: ModelConfig, facts: list[tuple[str, str]], seed: int) -> str:
 
 
 def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, seed: int) -> LoadedModel:
-    facts = toy_facts(cases)
+    facts = toy_facts(cases, cfg.train.subject_templates)
     toy_seed = cfg.train.seed if cfg.train.seed is not None else seed
     key = _toy_key(cfg, facts, toy_seed)
     path = cache_dir / "toy" / f"{cfg.name}-{key}"

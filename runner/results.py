@@ -14,6 +14,15 @@ class ResultsStore:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.jsonl"
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """A run killed mid-write leaves a partial last line: cut it so appends start clean."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            self.path.write_bytes(data[: data.rfind(b"\n") + 1])
 
     def load(self) -> list[dict]:
         """Every complete line; a torn last line (a run killed mid-write) is ignored."""

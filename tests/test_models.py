@@ -36,7 +36,9 @@ SENTENCES = [
 
 def model_conf(name: str, **overrides) -> ModelConfig:
     """A conf/model YAML merged into the structured schema (every key must be a field)."""
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / f"{name}.yaml"))
+    raw = OmegaConf.load(CONF / f"{name}.yaml")
+    raw.pop("defaults", None)  # the Hydra defaults list (the schema) is not a field
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)
     cfg = OmegaConf.to_object(node)
     assert isinstance(cfg, ModelConfig)
     return replace(cfg, **overrides)

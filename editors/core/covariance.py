@@ -177,6 +177,10 @@ class SecondMoments:
             state["sums"] = sums
             partial.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, partial)
+        if state["docs"] < self.cfg.n_samples:
+            bar.total = state["docs"]
+            bar.refresh()
+            log.info("corpus %s ended after %d documents (%d asked for)", self.cfg.corpus, state["docs"], self.cfg.n_samples)
         bar.close()
         if state["tokens"] == 0:
             raise ValueError(f"corpus {self.cfg.corpus!r} gave no tokens for covariance statistics")

@@ -1,0 +1,131 @@
+"""The runner end to end, in process and through run.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from runner import run
+from runner.schema import register
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "tests" / "assets"
+SMALL_STATS = ["stats.n_samples=150", "threads=1", "progress=false", "logger=none"]
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[
+                *SMALL_STATS,
+                f"paths.cache_dir={tmp_path.parent / 'shared-cache'}",
+                f"paths.output_dir={tmp_path / 'out'}",
+                *overrides,
+            ],
+        )
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TOY = ["model=toy", "model.train.steps=120", "model.train.eval_every=1000", "dataset.size=6", "batch_size=3"]
+
+
+def test_toy_run_writes_results_summary_and_resumes(tmp_path):
+    cfg = _cfg(tmp_path, *TOY)
+    summary = run(cfg)
+    out = tmp_path / "out"
+    records = _lines(out / "results.jsonl")
+    assert len(records) == 6 and len({r["case_id"] for r in records}) == 6
+    assert {"pre_efficacy", "post_efficacy", "post_locality", "diag_target_nll", "diag_edit_seconds"} <= records[0].keys()
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("efficacy", "generality", "locality", "score"):
+        assert 0 <= on_disk[key] <= 100
+    assert on_disk["protocol"]["edit_mode"] == "batch" and on_disk["protocol"]["batch_size"] == 3
+    assert len(on_disk["protocol"]["dataset"]["sha256"]) == 64
+    assert on_disk["protocol"]["model"]["id"] == "toy"
+    assert summary["score"] == on_disk["score"]
+    # A rerun in the same folder finds every case done and writes nothing new.
+    again = run(_cfg(tmp_path, *TOY))
+    assert len(_lines(out / "results.jsonl")) == 6
+    assert again["score"] == summary["score"]
+
+
+def test_interrupted_run_resumes_the_missing_cases(tmp_path):
+    overrides = ("model=tiny-gpt2", "dataset.size=4", "batch_size=2")
+    run(_cfg(tmp_path, *overrides))
+    path = tmp_path / "out" / "results.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:25])  # two cases lost, the last line torn
+    run(_cfg(tmp_path, *overrides))
+    after = path.read_text().splitlines()
+    assert after[:2] == lines[:2]  # finished cases are kept, not recomputed
+    assert sorted(json.loads(x)["case_id"] for x in after) == sorted(json.loads(x)["case_id"] for x in lines)
+
+
+def test_sequential_mode_evaluated_at_the_end(tmp_path):
+    summary = run(_cfg(tmp_path, "model=tiny-llama", "dataset.size=4", "batch_size=2", "edit_mode=sequential", "eval.timing=at_end"))
+    assert summary["n_cases"] == 4
+    assert summary["protocol"]["edit_mode"] == "sequential" and summary["protocol"]["eval_timing"] == "at_end"
+
+
+def test_zsre_and_rome_schema_files(tmp_path):
+    zsre = run(_cfg(tmp_path / "z", "model=tiny-gptj", "dataset=zsre", "dataset.size=3", "batch_size=3"))
+    assert zsre["n_cases"] == 3 and "efficacy" in zsre
+    rome = run(_cfg(tmp_path / "r", "model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_rome_3.json'}", "editor=rome"))
+    assert rome["protocol"]["dataset"]["schema"] == "rome" and rome["n_cases"] == 3
+    assert "attribute" in rome["metrics"]["post"]
+
+
+def test_wandb_offline_run_is_written_and_finished(tmp_path):
+    run(_cfg(tmp_path, "model=tiny-gpt2", "dataset.size=2", "batch_size=2", "logger=wandb", "logger.mode=offline"))
+    runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run.py", *args, *SMALL_STATS, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_cli_bad_record_is_one_line_naming_it(tmp_path):
+    bad = _cli("model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}", tmp_path=tmp_path)
+    assert bad.returncode == 2
+    message = bad.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "record 1" in message and "not found" in message
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_skips_bad_records_when_asked(tmp_path):
+    ok = _cli(
+        "model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}", "dataset.on_invalid=skip", tmp_path=tmp_path
+    )
+    assert ok.returncode == 0, ok.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n_cases"] == 2 and summary["protocol"]["dataset"]["n_skipped"] == 4
+    assert "post-edit" in ok.stdout
+
+
+@pytest.mark.slow
+def test_default_run_edits_the_toy(tmp_path):
+    """`python run.py` as a user runs it (a few minutes): MEMIT on the toy must work."""
+    done = subprocess.run(
+        [sys.executable, "run.py", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["efficacy"] >= 90 and summary["locality"] >= 70
