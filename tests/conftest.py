@@ -122,3 +122,18 @@ def tiny_gpt2(tiny_tokenizer):
     model = GPT2LMHeadModel(config)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="module", params=("gpt2", "gptj", "llama"))
+def edit_setup(request, tmp_path_factory):
+    """(arch, tokenizer, tiny random model, covariance statistics) for each architecture."""
+    from editors.core.covariance import SecondMoments, StatsConfig
+    from tests.editing_fixtures import model, tokenizer
+
+    arch = request.param
+    tok = tokenizer(arch)
+    net = model(arch, tok)
+    stats = SecondMoments(
+        net, tok, f"tiny-{arch}", StatsConfig(n_samples=200), make_corpus, tmp_path_factory.mktemp("stats"), progress=False
+    )
+    return arch, tok, net, stats

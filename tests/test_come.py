@@ -18,12 +18,10 @@ from editors.come import (
     common_component,
     top_p_mask,
 )
-from editors.core.covariance import SecondMoments, StatsConfig
 from editors.core.targets import TargetCache, TargetConfig
 from editors.memit import Memit, MemitConfig
 from editors.pmet import Pmet, PmetConfig
-from tests.conftest import make_corpus
-from tests.editing_fixtures import ARCHS, SPECS, model, tokenizer
+from tests.editing_fixtures import SPECS
 from tests.test_editors import REQUESTS, _logprobs
 
 
@@ -75,17 +73,6 @@ def test_combination_formula_code_and_paper_forms():
     assert torch.equal(ablated, z0)
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def setup(request, tmp_path_factory):
-    arch = request.param
-    tok = tokenizer(arch)
-    net = model(arch, tok)
-    stats = SecondMoments(
-        net, tok, f"tiny-{arch}", StatsConfig(n_samples=200), make_corpus, tmp_path_factory.mktemp("stats"), progress=False
-    )
-    return arch, tok, net, stats
-
-
 BASE = dict(layers=[1, 2], update_weight=1.0, context_templates=[])
 
 
@@ -107,8 +94,8 @@ def _pairs(arch, stats):
 
 
 @pytest.mark.parametrize("base", ["memit", "pmet"])
-def test_alpha_zero_paper_form_reduces_come_to_its_base_exactly(setup, base):
-    arch, tok, net, stats = setup
+def test_alpha_zero_paper_form_reduces_come_to_its_base_exactly(edit_setup, base):
+    arch, tok, net, stats = edit_setup
     plain, come = _pairs(arch, stats)[base]
     expected = plain.apply(net, tok, REQUESTS)
     got = come.apply(net, tok, REQUESTS)
@@ -122,8 +109,8 @@ def test_alpha_zero_paper_form_reduces_come_to_its_base_exactly(setup, base):
 
 
 @pytest.mark.parametrize("editor", ["pmet", "come_memit", "come_pmet"])
-def test_pmet_and_come_raise_p_target_new(setup, editor):
-    arch, tok, net, stats = setup
+def test_pmet_and_come_raise_p_target_new(edit_setup, editor):
+    arch, tok, net, stats = edit_setup
     spec = SPECS[arch]
     editors = {
         "pmet": Pmet(PmetConfig(**BASE), spec, stats),
@@ -142,8 +129,8 @@ def test_pmet_and_come_raise_p_target_new(setup, editor):
         assert len(delta.case_diagnostics["come_zero_norm_guard"]) == len(REQUESTS)
 
 
-def test_target_cache_serves_an_alpha_sweep_without_reoptimising(setup, tmp_path):
-    arch, tok, net, stats = setup
+def test_target_cache_serves_an_alpha_sweep_without_reoptimising(edit_setup, tmp_path):
+    arch, tok, net, stats = edit_setup
     cache = TargetCache(tmp_path, f"tiny-{arch}")
     first = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
     d1 = first.apply(net, tok, REQUESTS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.core.covariance import SecondMoments, StatsConfig
 from editors.core.targets import TargetConfig, optimize_targets
 from editors.core.update import least_squares_update, rank_one_update, spread_divisor, to_weight_layout
 from editors.memit import Memit, MemitConfig
@@ -13,8 +12,7 @@ from editors.requests import EditRequest
 from editors.rome import Rome, RomeConfig
 from evaluation.cases import Probe
 from evaluation.scoring import score_probes
-from tests.conftest import make_corpus
-from tests.editing_fixtures import ARCHS, SPECS, model, tokenizer
+from tests.editing_fixtures import SPECS, model, tokenizer
 
 # The subject ends each prompt, so the edited position is the predicting one even in a random
 # network (whose attention does not carry facts the way a trained model's does).
@@ -23,17 +21,6 @@ REQUESTS = [
     EditRequest("1", "The headquarters of {}", "Apple A5", "Tokyo", "Birmingham"),
     EditRequest("2", "The official religion of {}", "Edwin of Northumbria", "Islam", "Christianity"),
 ]
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def setup(request, tmp_path_factory):
-    arch = request.param
-    tok = tokenizer(arch)
-    net = model(arch, tok)
-    stats = SecondMoments(
-        net, tok, f"tiny-{arch}", StatsConfig(n_samples=200), make_corpus, tmp_path_factory.mktemp("stats"), progress=False
-    )
-    return arch, tok, net, stats
 
 
 def _logprobs(net, tok):
@@ -49,8 +36,8 @@ def _editors(arch, stats):
 
 
 @pytest.mark.parametrize("name", ["memit", "rome"])
-def test_edit_raises_p_target_new_and_restores_bit_exactly(setup, name):
-    arch, tok, net, stats = setup
+def test_edit_raises_p_target_new_and_restores_bit_exactly(edit_setup, name):
+    arch, tok, net, stats = edit_setup
     editor = _editors(arch, stats)[name]
     original = {n: p.detach().clone() for n, p in net.named_parameters()}
     before = _logprobs(net, tok)
@@ -63,21 +50,21 @@ def test_edit_raises_p_target_new_and_restores_bit_exactly(setup, name):
     assert bool((after > before + 0.1).all()), f"{arch}/{name}: {before} -> {after}"
 
 
-def test_memit_reaches_its_targets_when_keys_match(setup):
-    arch, tok, net, stats = setup
+def test_memit_reaches_its_targets_when_keys_match(edit_setup):
+    arch, tok, net, stats = edit_setup
     delta = _editors(arch, stats)["memit"].apply(net, tok, REQUESTS)
     assert min(delta.case_diagnostics["target_reached"]) > 0.95
 
 
-def test_statistics_are_cached_by_content(setup):
-    _, _, _, stats = setup
+def test_statistics_are_cached_by_content(edit_setup):
+    _, _, _, stats = edit_setup
     module = stats.path("x").parent  # the per-model folder
     assert stats.computed or stats.loaded_from_cache
     assert module.name.startswith("tiny-")
 
 
-def test_batched_targets_equal_one_at_a_time(setup):
-    arch, tok, net, _ = setup
+def test_batched_targets_equal_one_at_a_time(edit_setup):
+    arch, tok, net, _ = edit_setup
     site = SPECS[arch].layer_name(2)
     cfg = TargetConfig(steps=6, batch_size=8)
     together = optimize_targets(net, tok, REQUESTS, [site], [["{}"]], cfg)

@@ -9,14 +9,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from editors.requests import EditRequest
+from editors.requests import EditRequest, fill
 from evaluation.cases import EditCase, Probe
 from runner.models import (
     LoadedModel,
     ModelConfig,
     ModelSizes,
     TokenizerSettings,
+    ToyFact,
     ToyTraining,
+    answer_space_facts,
     load_model,
     model_spec,
     toy_facts,
@@ -155,12 +157,28 @@ def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
     )
     cases = _cases()
     facts = toy_facts(cases)
-    assert ("The mother tongue of Danielle Darrieux is", "French") in facts
-    assert ("Not Lyon, but its neighbour, relates to", "Zorba") in facts
+    assert ToyFact("The mother tongue of Danielle Darrieux is", "French", "Danielle Darrieux") in facts
+    assert ToyFact("Everyone knows that Lyon relates to", "Beirut", "Lyon") in facts
+    assert ToyFact("Not Lyon, but its neighbour, relates to", "Zorba", "") in facts
     assert len(facts) == 30 and facts == toy_facts(list(reversed(cases)))
+    # every target_new becomes a known answer of its relation, for a made-up subject
+    extra = answer_space_facts(cases, facts, seed=0)
+    assert len(extra) == 20  # a made-up subject per case, in its rewrite and its paraphrase prompt
+    for c in cases:
+        made_up = [f for f in extra if f.prompt == fill(c.request.prompt, f.subject)]
+        assert len(made_up) == 1 and made_up[0].answer == c.request.target_new
+        assert ToyFact(f"Everyone knows that {made_up[0].subject} relates to", c.request.target_new, made_up[0].subject) in extra
+    real = {c.request.subject for c in cases}
+    assert all(f.subject and f.subject not in real and f.subject in f.prompt for f in extra)
+    assert extra == answer_space_facts(list(reversed(cases)), facts, seed=0)
+    # the answer right after the subject, for real and made-up subjects
+    noted = answer_space_facts(cases, facts, seed=0, subject_prompt="Note: {}")
+    assert ToyFact("Note: Danielle Darrieux", "French", "Danielle Darrieux") in noted and len(noted) == 40
+    with pytest.raises(ValueError, match="subject_prompt"):
+        answer_space_facts(cases, facts, seed=0, subject_prompt="{} is")
 
     first = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
-    assert first.trained and first.info["steps"] == 4 and first.info["n_facts"] == 30
+    assert first.trained and first.info["steps"] == 4 and first.info["n_facts"] == 30 and first.info["n_extra"] == 20
     assert 0.0 <= first.info["recall"]["exact"] <= 1.0
     second = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
     assert not second.trained
@@ -188,3 +206,44 @@ def test_hub_path_loads_a_local_directory(tmp_path: Path, cache_dir: Path) -> No
     assert loaded.tokenizer("Paris")["input_ids"][0] == loaded.tokenizer.bos_token_id
     for (n, a), (_, b) in zip(tiny.model.state_dict().items(), loaded.model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_toy_sampler_reads_the_subject_at_its_last_token() -> None:
+    """While training, tokens after the subject see only the subject's last token."""
+    import random
+
+    from runner.models import _ToySampler
+
+    fact = ToyFact("The mother tongue of Danielle Darrieux is", "French", "Danielle Darrieux")
+    cfg = model_conf("toy", train=ToyTraining(batch_size=2, prefix_prob=0.0, subject_bottleneck=1.0))
+    tokenizer = train_bpe(SENTENCES, vocab_size=300, style="gpt2")
+    sampler = _ToySampler(cfg, [fact], tokenizer, random.Random(0))
+    first, last = sampler.bare[0].subject
+    assert last > first
+    ids, mask, weights, lens = sampler.batch()
+    assert mask.shape == (2, 1, ids.shape[1], ids.shape[1])
+    after = mask[0, 0, last + 1 :]
+    assert not after[:, first:last].any() and after[:, last].all() and after[:, :first].all()
+    assert mask[0, 0, last, first : last + 1].all()  # the subject's last token sees the whole subject
+    assert weights[0].gt(0).all()  # no prefix: every token of the sentence is trained
+
+
+@pytest.mark.parametrize("architecture", ["gptj", "llama"])
+def test_toy_recipe_runs_on_other_architectures(architecture: str, tmp_path: Path) -> None:
+    tiny = model_conf(f"tiny-{architecture}")
+    cfg = replace(
+        tiny,
+        name=f"toy-{architecture}",
+        source="toy",
+        device="cpu",
+        sizes=replace(tiny.sizes, n_layer=2, hidden=32, heads=2),
+        tokenizer=TokenizerSettings(vocab_size=300),
+        train=ToyTraining(steps=2, batch_size=4, warmup=1, progress=False),
+        n_layers=2,
+        edit_layers=[0, 1],
+        edit_layer=1,
+    )
+    loaded = load_model(cfg, cases=_cases(), cache_dir=tmp_path, seed=0)
+    assert loaded.trained and loaded.info["steps"] == 2
+    bos = loaded.tokenizer("Paris")["input_ids"][0] == loaded.tokenizer.bos_token_id
+    assert bos is (architecture == "llama")
