@@ -9,8 +9,10 @@ chosen by ``cfg.source``, never by looking at a model's name:
 - ``tiny``: a randomly initialised model of ``architecture`` (GPT-2, GPT-J or LLaMA) built from
   ``sizes``, with a byte-level BPE tokenizer trained locally on the bundled data text. For tests.
 - ``toy``:  a small GPT-2 trained locally on the TRUE facts of the run's cases, so that editing on
-  a CPU means something (see :func:`train_toy` for the recipe). Cached on disk by a content hash
-  of the training texts, the settings and :data:`TOY_RECIPE`; the second run loads it.
+  a CPU means something: it knows the facts, and recalls them through the subject's last token at
+  early-middle layers, as locate-then-edit methods assume (see :func:`train_toy` for the recipe).
+  Cached on disk by a content hash of the training texts, the settings and :data:`TOY_RECIPE`;
+  the second run loads it.
 """
 
 from __future__ import annotations
@@ -47,18 +49,21 @@ __all__ = [
     "ModelConfig",
     "ModelSizes",
     "TokenizerSettings",
+    "ToyFact",
     "ToyTraining",
+    "answer_space_facts",
     "build_tiny_model",
     "load_model",
     "model_spec",
     "resolve_device",
     "tokenizer_corpus",
     "toy_facts",
+    "toy_recall",
     "train_toy",
 ]
 
 #: Bump when the toy training code changes in a way that changes the trained model.
-TOY_RECIPE = "toy-v1"
+TOY_RECIPE = "toy-v2"
 
 DATA_DIR = Path(__file__).parent / "data"
 SOURCES = ("hub", "tiny", "toy")
@@ -111,10 +116,10 @@ class TokenizerSettings:
 
 @dataclass
 class ToyTraining:
-    """How the ``toy`` model is trained on the true facts of the run's cases."""
+    """How the ``toy`` model is trained on the true facts of the run's cases (defaults: the measured recipe)."""
 
-    steps: int = 2000
-    lr: float = 1e-3
+    steps: int = 1500
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
     batch_size: int = 32
@@ -128,9 +133,13 @@ class ToyTraining:
     prefix_max_words: int = 8  # word-salad prefixes: a seed word + up to this many words
     prefix_max_tokens: int = 12  # prefixes are cut to their last this-many tokens
     prefix_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
-    # Extra sentences per case that put the true answer right after the subject ("{}" is the
-    # subject): they make the model look the fact up at the subject's last token.
-    subject_templates: list[str] = field(default_factory=list)
+    answer_space: int = 1  # made-up subjects per case whose answer is target_new (see answer_space_facts)
+    subject_bottleneck: float = 1.0  # share of samples where the subject is read only at its last token
+    # e.g. "Note: {}": sentences with the answer right after the subject (see answer_space_facts)
+    subject_prompt: str | None = None
+    # the block whose output at the subject's last token must predict the answer (logit lens)
+    subject_lens_layer: int | None = 1
+    subject_lens_weight: float = 3.0  # weight of that auxiliary loss
     eval_every: int = 250
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
     progress: bool = True
@@ -297,7 +306,9 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
     model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id, **({"revision": cfg.revision} if cfg.revision else {}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.hub_id, **({"revision": cfg.revision} if cfg.revision else {})
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -331,7 +342,9 @@ def tokenizer_corpus(settings: TokenizerSettings) -> list[str]:
         if path.suffix == ".json":
             texts.extend(_json_strings(json.loads(path.read_text(encoding="utf-8"))))
         else:
-            texts.extend(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+            texts.extend(
+                line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            )
     out: list[str] = []
     for text in texts:
         if budget <= 0:
@@ -425,7 +438,9 @@ def _load_tiny(cfg: ModelConfig, *, cache_dir: Path, seed: int) -> LoadedModel:
     )
     model = build_tiny_model(cfg, tokenizer, seed)
     model.to(dtype=DTYPES[cfg.dtype], device=resolve_device(cfg.device))
-    revision = content_hash({"arch": cfg.architecture, "sizes": asdict(cfg.sizes), "tokenizer": tok_key, "seed": seed})
+    revision = content_hash(
+        {"arch": cfg.architecture, "sizes": asdict(cfg.sizes), "tokenizer": tok_key, "seed": seed}
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -441,8 +456,21 @@ def _load_tiny(cfg: ModelConfig, *, cache_dir: Path, seed: int) -> LoadedModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def toy_facts(cases: Sequence[EditCase], subject_templates: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs the toy learns: the TRUE facts behind the run's cases.
+@dataclass(frozen=True, order=True)
+class ToyFact:
+    """One training sentence of the toy: ``prompt + " " + answer``; ``subject`` ("" if unknown) is in ``prompt``."""
+
+    prompt: str
+    answer: str
+    subject: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.answer}"
+
+
+def toy_facts(cases: Sequence[EditCase]) -> list[ToyFact]:
+    """The TRUE facts behind the run's cases: what the toy must know before editing.
 
     For each case: the rewrite prompt and every paraphrase prompt with the pre-edit answer
     (``case.true_answer``, falling back to ``request.target_true``), and every neighborhood probe
@@ -450,41 +478,112 @@ def toy_facts(cases: Sequence[EditCase], subject_templates: Sequence[str] = ()) 
     on the order of the cases. A prompt seen with two different answers keeps the first one
     (in case order).
     """
-    seen: dict[str, str] = {}
+    seen: dict[str, ToyFact] = {}
     for case in cases:
         true = (getattr(case, "true_answer", "") or case.request.target_true).strip()
-        pairs = [(case.request.text, true)]
-        pairs += [(p.prompt, true) for p in case.probes.get("paraphrase", ())]
-        pairs += [(p.prompt, p.target) for p in case.probes.get("neighborhood", ())]
-        pairs += [(fill(t, case.request.subject), true) for t in subject_templates]
-        for prompt, answer in pairs:
-            if prompt.strip() and answer and prompt not in seen:
-                seen[prompt] = answer
-    return sorted(seen.items())
+        subject = case.request.subject
+        items = [(case.request.text, true, subject)]
+        items += [
+            (p.prompt, true, subject if subject in p.prompt else "")
+            for p in case.probes.get("paraphrase", ())
+        ]
+        items += [(p.prompt, p.target, "") for p in case.probes.get("neighborhood", ())]
+        for prompt, answer, subj in items:
+            if prompt.strip() and answer.strip() and prompt not in seen:
+                seen[prompt] = ToyFact(prompt, answer.strip(), subj)
+    return sorted(seen.values())
 
 
-def _toy_key(cfg: ModelConfig, facts: list[tuple[str, str]], seed: int) -> str:
+def answer_space_facts(
+    cases: Sequence[EditCase],
+    taken: Sequence[ToyFact],
+    seed: int,
+    per_case: int = 1,
+    subject_prompt: str | None = None,
+) -> list[ToyFact]:
+    """Extra training sentences that shape where and how the toy stores its facts.
+
+    - Made-up subjects answering ``target_new``: a toy trained on true facts only has never
+      produced most counterfactual objects, so no edit at the subject can reach them (a real LM
+      knows "English" as an answer to "The mother tongue of X is" for some X). For each case,
+      ``per_case`` made-up subjects (the first word and the last word of two different real
+      subjects, e.g. "Danielle Yasuda") get the case's rewrite prompt and paraphrase prompts
+      (its subject replaced) with ``target_new`` as the answer. Because the names share words with
+      real subjects, a subject is only known from all its tokens.
+    - ``subject_prompt`` (e.g. ``"Note: {}"``, the subject last): for every real and made-up
+      subject, that prompt followed by the subject's answer, so the answer is predicted AT the
+      subject's last token: the fact is looked up there, where locate-then-edit methods edit.
+
+    None of the run's own prompts changes meaning.
+    """
+    if subject_prompt is not None and not fill(subject_prompt, "X").endswith("X"):
+        raise ValueError(
+            f"model.train.subject_prompt must end with the subject '{{}}', got {subject_prompt!r}"
+        )
+    rng = random.Random(seed)
+    subjects = sorted({c.request.subject for c in cases})
+    firsts = sorted({s.split()[0] for s in subjects})
+    lasts = sorted({s.split()[-1] for s in subjects})
+    used = set(subjects) | {f.prompt for f in taken}
+    out: list[ToyFact] = []
+
+    def add(prompt: str, answer: str, subject: str) -> None:
+        if prompt not in used:
+            used.add(prompt)
+            out.append(ToyFact(prompt, answer, subject))
+
+    by_request: dict[tuple[str, str], set[str]] = {}
+    for case in cases:
+        key = (case.request.prompt, case.request.target_new)
+        paras = {p.prompt.replace(case.request.subject, "{}", 1) for p in case.probes.get("paraphrase", ())}
+        by_request.setdefault(key, set()).update(t for t in paras if "{}" in t)
+    for (template, target), paraphrases in sorted(by_request.items()):
+        for _ in range(per_case):
+            for _attempt in range(50):
+                name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+                if name not in used and fill(template, name) not in used:
+                    break
+            else:
+                continue
+            used.add(name)
+            add(fill(template, name), target, name)
+            for para in sorted(paraphrases):
+                add(fill(para, name), target, name)
+            if subject_prompt is not None:
+                add(fill(subject_prompt, name), target, name)
+    if subject_prompt is not None:
+        for case in sorted(cases, key=lambda c: c.request.subject):
+            true = (getattr(case, "true_answer", "") or case.request.target_true).strip()
+            add(fill(subject_prompt, case.request.subject), true, case.request.subject)
+    return sorted(out)
+
+
+def _toy_key(cfg: ModelConfig, facts: list[ToyFact], seed: int) -> str:
     return content_hash(
         {
             "recipe": TOY_RECIPE,
             "architecture": cfg.architecture,
             "sizes": asdict(cfg.sizes),
-            "tokenizer": {"vocab_size": cfg.tokenizer.vocab_size, "min_frequency": cfg.tokenizer.min_frequency},
+            "tokenizer": {
+                "vocab_size": cfg.tokenizer.vocab_size,
+                "min_frequency": cfg.tokenizer.min_frequency,
+            },
             "train": {k: v for k, v in asdict(cfg.train).items() if k != "progress"},
             "seed": seed,
-            "facts": facts,
+            "facts": [asdict(f) for f in facts],
         }
     )
 
 
 def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, seed: int) -> LoadedModel:
-    facts = toy_facts(cases, cfg.train.subject_templates)
     toy_seed = cfg.train.seed if cfg.train.seed is not None else seed
-    key = _toy_key(cfg, facts, toy_seed)
+    facts = toy_facts(cases)
+    extra = answer_space_facts(cases, facts, toy_seed, cfg.train.answer_space, cfg.train.subject_prompt)
+    key = _toy_key(cfg, facts + extra, toy_seed)
     path = cache_dir / "toy" / f"{cfg.name}-{key}"
     trained = False
     if not (path / "toy_info.json").exists():
-        model, tokenizer, info = train_toy(cfg, facts, seed=toy_seed)
+        model, tokenizer, info = train_toy(cfg, facts, extra=extra, seed=toy_seed)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -507,27 +606,46 @@ def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, s
     )
 
 
-class _ToySampler:
-    """Builds training batches: fact sentences, some behind a random prefix, loss on the fact only."""
+@dataclass
+class _Encoded:
+    ids: list[int]
+    n_prompt: int  # tokens of the prompt (the rest is the answer)
+    subject: tuple[int, int] | None  # first and last token index of the subject
 
-    def __init__(self, cfg: ModelConfig, facts: list[tuple[str, str]], tokenizer, rng: random.Random):
+
+class _ToySampler:
+    """Training batches: fact sentences, some behind a random prefix; loss on the fact only.
+
+    Returns ``(input_ids, attention_mask, weights)``; the mask is 4-D (batch, 1, query, key) and
+    keeps the positions after a subject from attending to the subject's tokens other than its last
+    one (with probability ``subject_bottleneck``).
+    """
+
+    def __init__(self, cfg: ModelConfig, facts: Sequence[ToyFact], tokenizer, rng: random.Random):
         self.t = cfg.train
         self.rng = rng
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
         self.max_len = cfg.sizes.max_positions
-        texts = [f"{p} {a}" for p, a in facts]
-        self.texts = texts
-        enc = tokenizer([f"{p} {a}" for p, a in facts], add_special_tokens=False)["input_ids"]
-        enc_sp = tokenizer([f" {p} {a}" for p, a in facts], add_special_tokens=False)["input_ids"]
-        n_prompt = tokenizer([p for p, _ in facts], add_special_tokens=False)["input_ids"]
-        n_prompt_sp = tokenizer([f" {p}" for p, _ in facts], add_special_tokens=False)["input_ids"]
-        # (ids, number of prompt tokens) for the fact at the start of a text and after a prefix
-        self.bare = [(ids, len(n)) for ids, n in zip(enc, n_prompt)]
-        self.spaced = [(ids, len(n)) for ids, n in zip(enc_sp, n_prompt_sp)]
-        self.words = sorted({w for text in texts for w in text.split()})
-        bos = tokenizer("", add_special_tokens=True)["input_ids"]
-        self.bos = bos  # [] for GPT-2 style, [BOS] for LLaMA style
+        self.texts = [f.text for f in facts]
+        self.bare = [self._encode(f, "") for f in facts]
+        self.spaced = [self._encode(f, " ") for f in facts]
+        self.words = sorted({w for text in self.texts for w in text.split()})
+        self.bos = tokenizer("", add_special_tokens=True)["input_ids"]  # [] (GPT-2 style) or [BOS]
+
+    def _encode(self, fact: ToyFact, lead: str) -> _Encoded:
+        text = lead + fact.text
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        n_prompt = len(self.tok(lead + fact.prompt, add_special_tokens=False)["input_ids"])
+        span = None
+        if fact.subject:
+            start = len(lead) + fact.prompt.find(fact.subject)
+            end = start + len(fact.subject)
+            inside = [
+                i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start and i < n_prompt
+            ]
+            span = (inside[0], inside[-1]) if inside else None
+        return _Encoded(enc["input_ids"], n_prompt, span)
 
     def prefix(self) -> list[int]:
         t, rng = self.t, self.rng
@@ -538,46 +656,59 @@ class _ToySampler:
             text = " ".join([rng.choice(t.prefix_seeds), *(rng.choice(self.words) for _ in range(n))])
         return self.tok(text + ".", add_special_tokens=False)["input_ids"][-t.prefix_max_tokens :]
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         t, rng = self.t, self.rng
-        rows, weights = [], []
+        rows: list[tuple[list[int], list[float], tuple[int, int] | None]] = []
+        lens: list[tuple[int, int]] = []  # (subject's last token, answer's first token) or (-1, -1)
         for _ in range(t.batch_size):
             i = rng.randrange(len(self.bare))
             if rng.random() < t.prefix_prob:
-                pre = self.bos + self.prefix()
-                ids, n_prompt = self.spaced[i]
+                pre, enc = self.bos + self.prefix(), self.spaced[i]
             else:
-                pre = list(self.bos)
-                ids, n_prompt = self.bare[i]
-            seq = (pre + ids + [self.eos])[-self.max_len :]
-            w = [0.0] * len(pre) + [t.prompt_weight] * n_prompt + [t.answer_weight] * (len(ids) - n_prompt + 1)
-            w = w[-self.max_len :]
-            rows.append(seq)
-            weights.append(w)
-        width = max(len(r) for r in rows)
+                pre, enc = list(self.bos), self.bare[i]
+            seq = pre + enc.ids + [self.eos]
+            w = (
+                [0.0] * len(pre)
+                + [t.prompt_weight] * enc.n_prompt
+                + [t.answer_weight] * (len(enc.ids) - enc.n_prompt + 1)
+            )
+            span = None
+            if enc.subject and enc.subject[1] > enc.subject[0] and rng.random() < t.subject_bottleneck:
+                span = (enc.subject[0] + len(pre), enc.subject[1] + len(pre))
+            cut = max(0, len(seq) - self.max_len)
+            span = (span[0] - cut, span[1] - cut) if span and span[0] >= cut else None
+            last = enc.subject[1] + len(pre) - cut if enc.subject else -1
+            lens.append((last, enc.ids[enc.n_prompt]) if last >= 0 else (-1, -1))
+            rows.append((seq[cut:], w[cut:], span))
+        width = max(len(seq) for seq, _, _ in rows)
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        wt = torch.zeros((len(rows), width))
-        for r, (seq, w) in enumerate(zip(rows, weights)):
+        weights = torch.zeros((len(rows), width))
+        mask = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(rows), 1, 1)
+        for r, (seq, w, span) in enumerate(rows):
             ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
-            wt[r, : len(w)] = torch.tensor(w)
-        # a position's weight applies to predicting that token from the previous ones
-        return ids, mask, wt
+            weights[r, : len(w)] = torch.tensor(w)
+            mask[r, :, len(seq) :] = False  # padding
+            mask[r, len(seq) :, 0] = True  # (padded queries keep one key; their loss weight is 0)
+            if span:
+                mask[r, span[1] + 1 :, span[0] : span[1]] = False
+        return ids, mask[:, None], weights, torch.tensor(lens, dtype=torch.long)
 
 
 @torch.no_grad()
-def toy_recall(model, tokenizer, facts: Sequence[tuple[str, str]], batch_size: int = 128) -> dict[str, float]:
-    """Top-1 recall of the facts on their bare prompts.
+def toy_recall(
+    model, tokenizer, facts: Sequence[ToyFact | tuple[str, str]], batch_size: int = 128
+) -> dict[str, float]:
+    """Top-1 recall of the facts on their bare prompts (ordinary causal attention).
 
     ``first_token``: the answer's first token is the argmax after the prompt; ``exact``: every
     answer token is the argmax given the gold prefix (teacher forcing).
     """
     model.eval()
     device = _device_of(model)
+    pairs = [(f[0], f[1]) if isinstance(f, tuple) else (f.prompt, f.answer) for f in facts]
     first = exact = 0
-    for start in range(0, len(facts), batch_size):
-        chunk = facts[start : start + batch_size]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
         prompts = tokenizer([p for p, _ in chunk])["input_ids"]
         fulls = tokenizer([f"{p} {a}" for p, a in chunk])["input_ids"]
         width = max(len(f) for f in fulls)
@@ -588,54 +719,69 @@ def toy_recall(model, tokenizer, facts: Sequence[tuple[str, str]], batch_size: i
             mask[r, : len(f)] = 1
         pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
         for r, (p, f) in enumerate(zip(prompts, fulls)):
-            n = len(p)
-            ok = [pred[r, j - 1].item() == f[j] for j in range(n, len(f))]
+            ok = [pred[r, j - 1].item() == f[j] for j in range(len(p), len(f))]
             first += bool(ok and ok[0])
             exact += bool(ok and all(ok))
-    n = max(len(facts), 1)
+    n = max(len(pairs), 1)
     return {"first_token": first / n, "exact": exact / n}
 
 
 def train_toy(
-    cfg: ModelConfig, facts: list[tuple[str, str]], *, seed: int
+    cfg: ModelConfig, facts: Sequence[ToyFact], *, extra: Sequence[ToyFact] = (), seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Train the toy model on ``facts`` ((prompt, answer) pairs). Returns model, tokenizer, report.
+    """Train the toy on ``facts`` (and ``extra``: see :func:`answer_space_facts`).
 
-    Recipe (:data:`TOY_RECIPE`):
+    Returns model, tokenizer and a training report. Recipe (:data:`TOY_RECIPE`), each part
+    measured to matter (see conf/model/toy.yaml):
 
-    - tokenizer: byte-level BPE trained on the fact sentences (``model.tokenizer.vocab_size``);
-      a small vocabulary keeps subjects several tokens long, so the model has to assemble the
-      subject at its last token (where locate-then-edit methods read and write) instead of
-      looking it up from a single token embedding.
-    - data: each sample is one fact sentence ``prompt + " " + answer`` + eos. With probability
-      ``prefix_prob`` it follows a random prefix ending in ".": another fact sentence
-      (``prefix_fact_prob``) or a seed word ("The", "Therefore", ...) and random words from the
-      facts. This is what the methods' context templates look like, it moves the subject to
-      varied positions, and it puts distractor subjects and answers in context so that the answer
-      must come from the subject of the fact itself. Loss on the fact tokens (answer tokens
-      weighted ``answer_weight``), none on the prefix.
+    - tokenizer: byte-level BPE trained on the training sentences (``model.tokenizer.vocab_size``).
+    - data: each sample is one sentence ``prompt + " " + answer`` + eos. With probability
+      ``prefix_prob`` it follows a random prefix ending in ".": another training sentence
+      (``prefix_fact_prob``) or a seed word ("The", "Therefore", ...) and random words. This is
+      what the methods' context templates look like, it moves the subject to varied positions
+      and puts distractor subjects and answers in context. Loss on the sentence, not the prefix.
+      The ``extra`` sentences about made-up subjects make every ``target_new`` a possible answer.
+    - subject bottleneck: while training, positions after the subject cannot attend to the
+      subject's tokens other than its last one (a 4-D attention mask, on a share
+      ``subject_bottleneck`` of the samples whose subject is known), so the subject is read
+      where locate-then-edit methods read and write it. At inference the model is an ordinary
+      causal LM.
+    - subject lens: an auxiliary loss makes the output of block ``subject_lens_layer`` at the
+      subject's last token predict the answer's first token through the model's own final norm
+      and LM head (a logit lens), weighted ``subject_lens_weight``. The fact is then looked up
+      in the early MLPs at the subject and carried in the residual stream, from where later
+      positions copy it. Without it the prompt's last position looks the fact up itself and a
+      change at the subject barely moves the prediction.
     - optimiser: AdamW, linear warm-up then cosine decay to ``min_lr_ratio``, grad clipping;
-      deterministic given ``seed`` (weights and batch order).
+      deterministic given ``seed`` (weights and batch order). Early stop at ``stop_at_recall``.
     """
     from tqdm.auto import tqdm
 
-    t = cfg.train
-    if cfg.architecture not in ARCHITECTURES:
-        raise ValueError(f"model.architecture must be one of {ARCHITECTURES}, got {cfg.architecture!r}")
     from runner.tokenizers import train_bpe
 
-    texts = [f"{p} {a}" for p, a in facts]
+    t = cfg.train
+    _tokenizer_style(cfg)
+    everything = list(facts) + list(extra)
     tokenizer = train_bpe(
-        texts, vocab_size=cfg.tokenizer.vocab_size, style=cfg.architecture, min_frequency=cfg.tokenizer.min_frequency
+        [f.text for f in everything],
+        vocab_size=cfg.tokenizer.vocab_size,
+        style=cfg.architecture,
+        min_frequency=cfg.tokenizer.min_frequency,
     )
     model = build_tiny_model(cfg, tokenizer, seed)
     device = resolve_device(cfg.device)
     model.to(device)
     model.train()
-    rng = random.Random(seed)
-    sampler = _ToySampler(cfg, facts, tokenizer, rng)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    sampler = _ToySampler(cfg, everything, tokenizer, random.Random(seed))
+    lens_layer = t.subject_lens_layer
+    if lens_layer is not None and not 0 <= lens_layer < cfg.sizes.n_layer:
+        raise ValueError(
+            f"model.train.subject_lens_layer={lens_layer} is not a layer of a {cfg.sizes.n_layer}-layer model"
+        )
+    final_norm = model.get_submodule(cfg.final_norm)
+    lm_head = model.get_submodule(cfg.lm_head)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr,
@@ -656,13 +802,22 @@ def train_toy(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        ids, mask, wt = (x.to(device) for x in sampler.batch())
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ids, mask, wt, lens = (x.to(device) for x in sampler.batch())
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=lens_layer is not None)
+        logits = out.logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         ).view(ids.shape[0], -1)
         w = wt[:, 1:]
         loss = (nll * w).sum() / w.sum()
+        rows = (lens[:, 0] >= 0).nonzero()[:, 0]
+        if lens_layer is not None and len(rows):
+            # logit lens at the subject's last token: the block's output must already say the answer
+            hidden = out.hidden_states[lens_layer + 1][rows, lens[rows, 0]]
+            lens_logits = lm_head(final_norm(hidden))
+            loss = loss + t.subject_lens_weight * torch.nn.functional.cross_entropy(
+                lens_logits, lens[rows, 1]
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -670,7 +825,7 @@ def train_toy(
         if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == t.steps:
             recall = toy_recall(model, tokenizer, facts)
             model.train()
-            history.append({"step": step + 1, "loss": loss.item(), **recall})
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), **recall})
             bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall['exact']:.3f}")
             if t.stop_at_recall is not None and recall["exact"] >= t.stop_at_recall:
                 break
@@ -681,9 +836,11 @@ def train_toy(
     info = {
         "recipe": TOY_RECIPE,
         "n_facts": len(facts),
+        "n_extra": len(extra),
         "steps": step + 1,
         "seconds": round(time.time() - start, 1),
         "recall": recall or toy_recall(model, tokenizer, facts),
+        "recall_extra": toy_recall(model, tokenizer, extra) if extra else None,
         "history": history,
         "seed": seed,
     }

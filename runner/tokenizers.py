@@ -45,7 +45,9 @@ def content_hash(payload: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def train_bpe(texts: Iterable[str], *, vocab_size: int, style: str, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str], *, vocab_size: int, style: str, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``transformers`` fast tokenizer."""
     specials = _special_tokens(style)
     tok = Tokenizer(models.BPE())

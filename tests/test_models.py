@@ -52,7 +52,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def _small_tokenizer(cfg: ModelConfig) -> ModelConfig:
-    return replace(cfg, device="cpu", tokenizer=replace(cfg.tokenizer, vocab_size=400, max_corpus_chars=200_000))
+    return replace(
+        cfg, device="cpu", tokenizer=replace(cfg.tokenizer, vocab_size=400, max_corpus_chars=200_000)
+    )
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -144,17 +146,32 @@ def _cases() -> list[EditCase]:
     return cases
 
 
-def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
-    cfg = model_conf(
-        "toy",
+def _small_toy() -> ModelConfig:
+    """conf/model/toy.yaml's recipe (bottleneck, logit lens, made-up subjects) on a 2-layer model, 4 steps."""
+    toy = model_conf("toy")
+    return replace(
+        toy,
         device="cpu",
         sizes=ModelSizes(n_layer=2, hidden=32, heads=2, max_positions=64),
         tokenizer=TokenizerSettings(vocab_size=300),
-        train=ToyTraining(steps=4, batch_size=4, warmup=1, eval_every=2, progress=False),
+        train=replace(toy.train, steps=4, batch_size=4, warmup=1, eval_every=2, progress=False),
         n_layers=2,
         edit_layers=[0, 1],
         edit_layer=1,
     )
+
+
+def test_toy_training_is_deterministic(tmp_path: Path) -> None:
+    a = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path / "a", seed=0)
+    b = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path / "b", seed=0)
+    assert a.trained and b.trained and a.revision == b.revision
+    for (n, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
+    cfg = _small_toy()
+    assert cfg.train.subject_lens_layer is not None and cfg.train.subject_bottleneck > 0
     cases = _cases()
     facts = toy_facts(cases)
     assert ToyFact("The mother tongue of Danielle Darrieux is", "French", "Danielle Darrieux") in facts
@@ -167,7 +184,14 @@ def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
     for c in cases:
         made_up = [f for f in extra if f.prompt == fill(c.request.prompt, f.subject)]
         assert len(made_up) == 1 and made_up[0].answer == c.request.target_new
-        assert ToyFact(f"Everyone knows that {made_up[0].subject} relates to", c.request.target_new, made_up[0].subject) in extra
+        assert (
+            ToyFact(
+                f"Everyone knows that {made_up[0].subject} relates to",
+                c.request.target_new,
+                made_up[0].subject,
+            )
+            in extra
+        )
     real = {c.request.subject for c in cases}
     assert all(f.subject and f.subject not in real and f.subject in f.prompt for f in extra)
     assert extra == answer_space_facts(list(reversed(cases)), facts, seed=0)
@@ -178,7 +202,12 @@ def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
         answer_space_facts(cases, facts, seed=0, subject_prompt="{} is")
 
     first = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
-    assert first.trained and first.info["steps"] == 4 and first.info["n_facts"] == 30 and first.info["n_extra"] == 20
+    assert (
+        first.trained
+        and first.info["steps"] == 4
+        and first.info["n_facts"] == 30
+        and first.info["n_extra"] == 20
+    )
     assert 0.0 <= first.info["recall"]["exact"] <= 1.0
     second = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
     assert not second.trained
@@ -238,7 +267,9 @@ def test_toy_recipe_runs_on_other_architectures(architecture: str, tmp_path: Pat
         device="cpu",
         sizes=replace(tiny.sizes, n_layer=2, hidden=32, heads=2),
         tokenizer=TokenizerSettings(vocab_size=300),
-        train=ToyTraining(steps=2, batch_size=4, warmup=1, progress=False),
+        train=ToyTraining(
+            steps=2, batch_size=4, warmup=1, progress=False, subject_lens_layer=0, subject_prompt="Note: {}"
+        ),
         n_layers=2,
         edit_layers=[0, 1],
         edit_layer=1,
