@@ -17,6 +17,42 @@ from editors.hooks import get_module
 from editors.spec import ModelSpec
 
 
+class Scratch:
+    """Updates written into the model while an edit is computed (later layers and later requests
+    see them), recorded in :attr:`delta`; :func:`scratch` puts the original weights back."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.delta = WeightDelta()
+        self.originals: dict[str, torch.Tensor] = {}
+
+    def write(self, module: str, update_out_in: torch.Tensor) -> None:
+        """Add an (out, in) update to ``module``'s weight now and record it."""
+        update = to_weight_layout(self.model, module, update_out_in)
+        weight = get_module(self.model, module).weight
+        name = weight_name(module)
+        with torch.no_grad():
+            self.originals.setdefault(name, weight.detach().clone())
+            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
+        self.delta.add(name, update)
+
+    def restore(self) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.originals.items():
+                params[name].copy_(value)
+
+
+@contextlib.contextmanager
+def scratch(model: torch.nn.Module) -> Iterator[Scratch]:
+    """``with scratch(model) as work: work.write(...)``; the model is unchanged afterwards."""
+    work = Scratch(model)
+    try:
+        yield work
+    finally:
+        work.restore()
+
+
 class LocateThenEdit:
     """Base of ROME/MEMIT-style editors: holds the spec, the statistics and the context templates.
 
@@ -51,27 +87,3 @@ class LocateThenEdit:
         if self._context is None:
             self._context = sample_context_templates(model, tokenizer, self.context_lengths, self.seed)
         return self._context
-
-    @contextlib.contextmanager
-    def scratch(self, model: torch.nn.Module) -> Iterator[WeightDelta]:
-        """A WeightDelta to fill with :meth:`write`; the model gets its original weights back on exit."""
-        delta = WeightDelta()
-        originals: dict[str, torch.Tensor] = {}
-        self._originals = originals
-        try:
-            yield delta
-        finally:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in originals.items():
-                    params[name].copy_(value)
-
-    def write(self, model: torch.nn.Module, delta: WeightDelta, module: str, update_out_in: torch.Tensor) -> None:
-        """Add an (out, in) update to ``module``'s weight now (later steps see it) and record it."""
-        update = to_weight_layout(model, module, update_out_in)
-        weight = get_module(model, module).weight
-        name = weight_name(module)
-        with torch.no_grad():
-            self._originals.setdefault(name, weight.detach().clone())
-            weight.add_(update.to(device=weight.device, dtype=weight.dtype))
-        delta.add(name, update)

@@ -23,7 +23,7 @@ from editors.core.targets import TargetCache, TargetConfig, Targets, cached_targ
 from editors.core.tokens import model_device
 from editors.core.update import least_squares_update, spread_divisor
 from editors.delta import WeightDelta
-from editors.locate import LocateThenEdit
+from editors.locate import LocateThenEdit, scratch
 from editors.requests import EditRequest
 from editors.spec import ModelSpec
 
@@ -114,7 +114,7 @@ class Memit(LocateThenEdit):
         device = model_device(model)
         z = z.to(device)
         z_site = self.site(layers[-1])
-        with self.scratch(model) as delta:
+        with scratch(model) as work:
             start = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
             for i, module in enumerate(modules):
                 keys = compute_keys(
@@ -123,8 +123,9 @@ class Memit(LocateThenEdit):
                 current = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
                 residual = (z - current) / spread_divisor(len(layers) - i, cfg.residual_spread)
                 update = least_squares_update(keys, residual, self.stats.get(module).to(device), cfg.update_weight)
-                self.write(model, delta, module, update)
+                work.write(module, update)
             reached = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
+        delta = work.delta
         gap_before = (z - start).norm(dim=1)
         gap_after = (z - reached).norm(dim=1)
         delta.case_diagnostics.update(

@@ -19,7 +19,7 @@ from editors.core.targets import TargetCache, TargetConfig, optimize_targets
 from editors.core.tokens import model_device
 from editors.core.update import rank_one_update
 from editors.delta import WeightDelta
-from editors.locate import LocateThenEdit
+from editors.locate import LocateThenEdit, scratch
 from editors.requests import EditRequest
 from editors.spec import ModelSpec
 
@@ -69,7 +69,7 @@ class Rome(LocateThenEdit):
         device = model_device(model)
         second_moment = self.stats.get(module).to(device)
         norms, steps, nll = [], [], []
-        with self.scratch(model) as delta:
+        with scratch(model) as work:
             for request in requests:
                 one = [request]
                 key_star = compute_keys(model, tokenizer, one, module, context, cfg.key_averaging, cfg.read_batch_size)[0]
@@ -77,9 +77,10 @@ class Rome(LocateThenEdit):
                 key = bare_values(model, tokenizer, one, module, "input")[0]
                 value = bare_values(model, tokenizer, one, module, "output")[0]
                 update = rank_one_update(key_star, key, targets.value(module)[0], value, second_moment)
-                self.write(model, delta, module, update)
+                work.write(module, update)
                 norms.append(float(targets.delta[module].norm()))
                 steps.append(float(targets.steps[0]))
                 nll.append(float(targets.nll[0]))
+        delta = work.delta
         delta.case_diagnostics.update({"target_delta_norm": norms, "target_steps": steps, "target_nll": nll})
         return delta
