@@ -37,7 +37,9 @@ class ComeSettings:
 
     unlearn_weight: float = 0.1  # α: weight of the unlearning vector δ′ (released GPT-J value `a`)
     top_p_fraction: float = 0.2  # p: fraction of coordinates of z₀ that CoME changes (`p`)
-    common_coefficient: str = "code"  # weight w of δ″: code (1, released code) | paper (α: z = z₀ − α(δ′ − δ″))
+    common_coefficient: str = (
+        "code"  # weight w of δ″: code (1, released code) | paper (α: z = z₀ − α(δ′ − δ″))
+    )
     restriction: str = "signed"  # which coordinates: signed (largest values of z₀, code) | magnitude (largest |z₀|) | none (all)
     subtract_unlearning: bool = True  # ablation switch: the −α·δ′ term
     add_common: bool = True  # ablation switch: the +w·δ″ term
@@ -50,7 +52,9 @@ def _check(settings: ComeSettings) -> None:
     if settings.restriction not in RESTRICTIONS:
         raise ValueError(f"editor.restriction must be one of {RESTRICTIONS}, got {settings.restriction!r}")
     if settings.common_coefficient not in COEFFICIENTS:
-        raise ValueError(f"editor.common_coefficient must be one of {COEFFICIENTS}, got {settings.common_coefficient!r}")
+        raise ValueError(
+            f"editor.common_coefficient must be one of {COEFFICIENTS}, got {settings.common_coefficient!r}"
+        )
     if settings.unlearn_norm not in ("new", "old"):
         raise ValueError(f"editor.unlearn_norm must be 'new' or 'old', got {settings.unlearn_norm!r}")
     if not 0.0 < settings.top_p_fraction <= 1.0:
@@ -126,13 +130,20 @@ class ComeMixin:
         site = self.optimized_sites()[0]
         # A. the unlearning vector δ′, toward the old object (EOS where there is none, as for zsRE).
         space = " " if settings.old_target_space else ""
-        old = [space + (r.target_true if r.target_true is not None else tokenizer.eos_token) for r in requests]
+        old = [
+            space + (r.target_true if r.target_true is not None else tokenizer.eos_token) for r in requests
+        ]
         steps = max(int(self.config.target.steps * settings.unlearn_step_ratio), 1)
         lengths = None
         if settings.unlearn_norm == "new":
             lengths = [len(answer_ids(tokenizer, a)) for a in new_answers(requests)]
         unlearn = self.optimize(
-            model, tokenizer, requests, cfg=replace(self.config.target, steps=steps), answers=old, norm_lengths=lengths
+            model,
+            tokenizer,
+            requests,
+            cfg=replace(self.config.target, steps=steps),
+            answers=old,
+            norm_lengths=lengths,
         )
         # B. the base method's vector δ toward the new object.
         targets = self.optimize(model, tokenizer, requests)

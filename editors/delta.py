@@ -40,7 +40,9 @@ class WeightDelta:
             for name, delta in self.deltas.items():
                 param = params[name]
                 if delta.shape != param.shape:
-                    raise ValueError(f"delta for {name} has shape {tuple(delta.shape)}, parameter {tuple(param.shape)}")
+                    raise ValueError(
+                        f"delta for {name} has shape {tuple(delta.shape)}, parameter {tuple(param.shape)}"
+                    )
                 originals[name] = param.detach().clone()
                 param.add_(delta.to(device=param.device, dtype=param.dtype))
         return Restorer(model, originals)

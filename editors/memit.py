@@ -122,7 +122,9 @@ class Memit(LocateThenEdit):
                 )
                 current = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
                 residual = (z - current) / spread_divisor(len(layers) - i, cfg.residual_spread)
-                update = least_squares_update(keys, residual, self.stats.get(module).to(device), cfg.update_weight)
+                update = least_squares_update(
+                    keys, residual, self.stats.get(module).to(device), cfg.update_weight
+                )
                 work.write(module, update)
             reached = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
         delta = work.delta

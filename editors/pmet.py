@@ -18,7 +18,9 @@ from editors.memit import Memit, MemitConfig
 
 def _pmet_target() -> TargetConfig:
     # xpq-tech/PMET hparams/PMET/EleutherAI_gpt-j-6B.json
-    return TargetConfig(steps=30, lr=0.2, kl_factor=1.0, weight_decay=0.5, clamp_norm_factor=0.75, adaptive_nll=True)
+    return TargetConfig(
+        steps=30, lr=0.2, kl_factor=1.0, weight_decay=0.5, clamp_norm_factor=0.75, adaptive_nll=True
+    )
 
 
 @dataclass

@@ -25,7 +25,9 @@ from editors.spec import ModelSpec
 
 
 def _rome_target() -> TargetConfig:
-    return TargetConfig(steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0, batch_size=1)
+    return TargetConfig(
+        steps=20, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0, batch_size=1
+    )
 
 
 @dataclass
@@ -72,7 +74,9 @@ class Rome(LocateThenEdit):
         with scratch(model) as work:
             for request in requests:
                 one = [request]
-                key_star = compute_keys(model, tokenizer, one, module, context, cfg.key_averaging, cfg.read_batch_size)[0]
+                key_star = compute_keys(
+                    model, tokenizer, one, module, context, cfg.key_averaging, cfg.read_batch_size
+                )[0]
                 targets = optimize_targets(model, tokenizer, one, [module], context, cfg.target)
                 key = bare_values(model, tokenizer, one, module, "input")[0]
                 value = bare_values(model, tokenizer, one, module, "output")[0]

@@ -44,4 +44,6 @@ def corpus_texts(corpus: str) -> Callable[[], Iterable[str]]:
     if corpus.startswith("hf:"):
         spec = corpus[len("hf:") :]
         return lambda: _hf_texts(spec)
-    raise ValueError(f"unknown stats.corpus {corpus!r}: expected wikitext2, file:<path> or hf:<dataset>[/<config>]")
+    raise ValueError(
+        f"unknown stats.corpus {corpus!r}: expected wikitext2, file:<path> or hf:<dataset>[/<config>]"
+    )

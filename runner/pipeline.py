@@ -56,7 +56,11 @@ def seed_everything(seed: int) -> None:
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -64,7 +68,11 @@ def git_sha() -> str | None:
 
 
 def build_editor(
-    editor_cfg: DictConfig, loaded: LoadedModel, stats: SecondMoments, cache: TargetCache | None, progress: bool
+    editor_cfg: DictConfig,
+    loaded: LoadedModel,
+    stats: SecondMoments,
+    cache: TargetCache | None,
+    progress: bool,
 ) -> Any:
     """Instantiate ``editor._target_`` with its typed config, the model spec, statistics and cache."""
     cls = get_class(editor_cfg._target_)
@@ -99,7 +107,9 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.timing not in EVAL_TIMINGS:
         raise ConfigError(f"eval.timing must be one of {EVAL_TIMINGS}, got {cfg.eval.timing!r}")
     if cfg.eval.timing == "at_end" and cfg.edit_mode != "sequential":
-        raise ConfigError("eval.timing=at_end needs edit_mode=sequential (batch mode restores between batches)")
+        raise ConfigError(
+            "eval.timing=at_end needs edit_mode=sequential (batch mode restores between batches)"
+        )
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
     if cfg.task not in ("edit", "stats"):
@@ -116,11 +126,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cache_dir = Path(cfg.paths.cache_dir)
     data_cache = Path(cfg.dataset.cache_dir) if cfg.dataset.get("cache_dir") else cache_dir / "datasets"
     dataset = load_from_config(cfg.dataset, cache_dir=data_cache)
-    log.info("dataset %s: %d cases from %s (%d skipped)", dataset.name, len(dataset.cases), dataset.source, dataset.n_skipped)
+    log.info(
+        "dataset %s: %d cases from %s (%d skipped)",
+        dataset.name,
+        len(dataset.cases),
+        dataset.source,
+        dataset.n_skipped,
+    )
     loaded = load_model(cfg.model, cases=dataset.cases, cache_dir=cache_dir, seed=cfg.seed)
     log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
     stats = build_stats(cfg, loaded)
-    cache = TargetCache(cache_dir / "targets", f"{loaded.model_id}@{loaded.revision}") if cfg.cache_targets else None
+    cache = (
+        TargetCache(cache_dir / "targets", f"{loaded.model_id}@{loaded.revision}")
+        if cfg.cache_targets
+        else None
+    )
     editor = build_editor(cfg.editor, loaded, stats, cache, cfg.progress)
     if cfg.task == "stats":
         stats.prefetch(editor.statistics_modules())
@@ -139,20 +159,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _edit_and_evaluate(
-    cfg, dataset: LoadedDataset, loaded: LoadedModel, editor, cache: TargetCache | None, tracker, output_dir: Path
+    cfg,
+    dataset: LoadedDataset,
+    loaded: LoadedModel,
+    editor,
+    cache: TargetCache | None,
+    tracker,
+    output_dir: Path,
 ) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     store = ResultsStore(output_dir)
     done = store.done_ids()
     if done:
-        log.info("resuming: %d of %d cases already in %s", len(done & {c.case_id for c in dataset.cases}), len(dataset.cases), store.path)
+        log.info(
+            "resuming: %d of %d cases already in %s",
+            len(done & {c.case_id for c in dataset.cases}),
+            len(dataset.cases),
+            store.path,
+        )
     cases = dataset.cases
     batches = [cases[i : i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
     todo_ids = {c.case_id for c in cases} - done
     sequential = cfg.edit_mode == "sequential"
 
     def evaluate(batch: Sequence[EditCase]) -> list[dict[str, float]]:
-        return score_cases(model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100) if batch else []
+        return (
+            score_cases(
+                model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
+            )
+            if batch
+            else []
+        )
 
     # Pre-edit scores come from the unedited model, so they are taken before any edit.
     pre: dict[str, dict[str, float]] = {}
@@ -172,7 +209,9 @@ def _edit_and_evaluate(
             if not todo and not sequential:
                 continue  # done in an earlier run; sequential runs still re-apply it below
             if cache is not None and sequential:  # targets depend on the edits made so far
-                cache.state = hashlib.sha256(",".join(c.case_id for b in batches[:index] for c in b).encode()).hexdigest()
+                cache.state = hashlib.sha256(
+                    ",".join(c.case_id for b in batches[:index] for c in b).encode()
+                ).hexdigest()
             t0 = time.perf_counter()
             delta = editor.apply(model, tok, [c.request for c in batch])
             edit_seconds = time.perf_counter() - t0
@@ -189,7 +228,9 @@ def _edit_and_evaluate(
                     t0 = time.perf_counter()
                     post = evaluate(todo)
                     timings["eval_seconds"] += time.perf_counter() - t0
-                    records = [_record(c, pre, m, batch_info | per_case[c.case_id]) for c, m in zip(todo, post)]
+                    records = [
+                        _record(c, pre, m, batch_info | per_case[c.case_id]) for c, m in zip(todo, post)
+                    ]
                     if records:
                         store.append(records)
                         tracker.log(_batch_log(records), step=index)
@@ -238,7 +279,9 @@ def _batch_log(records: list[dict]) -> dict[str, float]:
     return {f"batch/{k[5:]}": float(np.mean([r[k] for r in records if k in r])) for k in keys}
 
 
-def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsStore, output_dir: Path, tracker, timings) -> dict:
+def _summarize(
+    cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsStore, output_dir: Path, tracker, timings
+) -> dict:
     wanted = {c.case_id for c in dataset.cases}
     records = [r for r in store.load() if str(r["case_id"]) in wanted]
     by_prefix = aggregate_by_prefix(records)
@@ -277,7 +320,11 @@ def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsS
                     "dtype": cfg.model.dtype,
                     "info": {k: v for k, v in loaded.info.items() if isinstance(v, (int, float, str))},
                 },
-                "statistics": {"corpus": cfg.stats.corpus, "n_samples": cfg.stats.n_samples, "dtype": cfg.stats.dtype},
+                "statistics": {
+                    "corpus": cfg.stats.corpus,
+                    "n_samples": cfg.stats.n_samples,
+                    "dtype": cfg.stats.dtype,
+                },
                 "metric_definitions": {name: METRICS[name].description for name in post if name in METRICS},
                 "git_sha": git_sha(),
             },
@@ -286,5 +333,7 @@ def _summarize(cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsS
     store.write_json("summary.json", summary)
     table = format_table([("pre-edit", pre), ("post-edit", post)], list(HEADLINE))
     print(f"\n{table}\n\nresults: {store.path}\nsummary: {output_dir / 'summary.json'}")
-    tracker.summary({f"post/{k}": v["mean"] for k, v in post.items()} | {f"pre/{k}": v["mean"] for k, v in pre.items()})
+    tracker.summary(
+        {f"post/{k}": v["mean"] for k, v in post.items()} | {f"pre/{k}": v["mean"] for k, v in pre.items()}
+    )
     return summary

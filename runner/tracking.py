@@ -48,7 +48,9 @@ class WandbTracker(NullTracker):
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def make_tracker(cfg: Any, config: dict, output_dir: Path, name: str, group: str | None = None) -> NullTracker:
+def make_tracker(
+    cfg: Any, config: dict, output_dir: Path, name: str, group: str | None = None
+) -> NullTracker:
     """``group`` is the default wandb group (a sweep's name); ``logger.group`` wins when set."""
     if cfg.backend == "none" or cfg.mode == "disabled":
         return NullTracker()

@@ -134,6 +134,12 @@ def edit_setup(request, tmp_path_factory):
     tok = tokenizer(arch)
     net = model(arch, tok)
     stats = SecondMoments(
-        net, tok, f"tiny-{arch}", StatsConfig(n_samples=200), make_corpus, tmp_path_factory.mktemp("stats"), progress=False
+        net,
+        tok,
+        f"tiny-{arch}",
+        StatsConfig(n_samples=200),
+        make_corpus,
+        tmp_path_factory.mktemp("stats"),
+        progress=False,
     )
     return arch, tok, net, stats

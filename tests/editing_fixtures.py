@@ -19,9 +19,30 @@ from tests.conftest import make_corpus
 ARCHS = ("gpt2", "gptj", "llama")
 
 SPECS = {
-    "gpt2": ModelSpec("transformer.h.{}", "transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn.c_proj", "transformer.ln_f", "lm_head", 3),
-    "gptj": ModelSpec("transformer.h.{}", "transformer.h.{}.mlp.fc_out", "transformer.h.{}.attn.out_proj", "transformer.ln_f", "lm_head", 3),
-    "llama": ModelSpec("model.layers.{}", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn.o_proj", "model.norm", "lm_head", 3),
+    "gpt2": ModelSpec(
+        "transformer.h.{}",
+        "transformer.h.{}.mlp.c_proj",
+        "transformer.h.{}.attn.c_proj",
+        "transformer.ln_f",
+        "lm_head",
+        3,
+    ),
+    "gptj": ModelSpec(
+        "transformer.h.{}",
+        "transformer.h.{}.mlp.fc_out",
+        "transformer.h.{}.attn.out_proj",
+        "transformer.ln_f",
+        "lm_head",
+        3,
+    ),
+    "llama": ModelSpec(
+        "model.layers.{}",
+        "model.layers.{}.mlp.down_proj",
+        "model.layers.{}.self_attn.o_proj",
+        "model.norm",
+        "lm_head",
+        3,
+    ),
 }
 
 
@@ -33,14 +54,31 @@ def model(arch: str, tok, init: float = 0.1) -> torch.nn.Module:
     torch.manual_seed(0)
     vocab = len(tok)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_positions=128, n_embd=48, n_layer=3, n_head=4, initializer_range=init)
+        cfg = GPT2Config(
+            vocab_size=vocab, n_positions=128, n_embd=48, n_layer=3, n_head=4, initializer_range=init
+        )
         return GPT2LMHeadModel(cfg).eval()
     if arch == "gptj":
-        cfg = GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=48, n_layer=3, n_head=4, rotary_dim=8, initializer_range=init)
+        cfg = GPTJConfig(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=48,
+            n_layer=3,
+            n_head=4,
+            rotary_dim=8,
+            initializer_range=init,
+        )
         return GPTJForCausalLM(cfg).eval()
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=48, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=init,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=init,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     return LlamaForCausalLM(cfg).eval()

@@ -69,7 +69,9 @@ def test_combination_formula_code_and_paper_forms():
     torch.testing.assert_close(code, torch.where(mask, z0 - 0.3 * delta_old + common, z0))
     paper, _ = combine(h, delta, delta_old, ComeSettings(unlearn_weight=0.3, common_coefficient="paper"))
     torch.testing.assert_close(paper, torch.where(mask, z0 - 0.3 * (delta_old - common), z0))
-    ablated, _ = combine(h, delta, delta_old, ComeSettings(unlearn_weight=0.3, subtract_unlearning=False, add_common=False))
+    ablated, _ = combine(
+        h, delta, delta_old, ComeSettings(unlearn_weight=0.3, subtract_unlearning=False, add_common=False)
+    )
     assert torch.equal(ablated, z0)
 
 
@@ -124,7 +126,9 @@ def test_pmet_and_come_raise_p_target_new(edit_setup, editor):
     assert all(name.startswith(tuple(spec.mlp_out_name(layer) for layer in (1, 2))) for name in delta.deltas)
     with delta.applied(net):
         after = _logprobs(net, tok)
-    assert bool((after > before).all()) and float((after - before).mean()) > 0.2, f"{arch}/{editor}: {before} -> {after}"
+    assert bool((after > before).all()) and float((after - before).mean()) > 0.2, (
+        f"{arch}/{editor}: {before} -> {after}"
+    )
     if editor.startswith("come"):
         assert len(delta.case_diagnostics["come_zero_norm_guard"]) == len(REQUESTS)
 
@@ -135,7 +139,12 @@ def test_target_cache_serves_an_alpha_sweep_without_reoptimising(edit_setup, tmp
     first = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
     d1 = first.apply(net, tok, REQUESTS)
     assert (cache.hits, cache.misses) == (0, 2 * len(REQUESTS))  # δ′ and δ per request
-    second = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6), unlearn_weight=0.5), SPECS[arch], stats, cache=cache)
+    second = ComeMemit(
+        ComeMemitConfig(**BASE, target=TargetConfig(steps=6), unlearn_weight=0.5),
+        SPECS[arch],
+        stats,
+        cache=cache,
+    )
     d2 = second.apply(net, tok, REQUESTS)
     assert (cache.hits, cache.misses) == (2 * len(REQUESTS), 2 * len(REQUESTS))
     assert any(not torch.equal(d1.deltas[n], d2.deltas[n]) for n in d1.deltas)  # α changed the result

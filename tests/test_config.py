@@ -73,15 +73,25 @@ def test_unknown_key_fails_naming_it():
 def test_wrong_type_fails_naming_it():
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
         _compose("editor.target.steps=many")
-    assert "steps" in str(info.value.__cause__ or info.value) or "many" in str(info.value.__cause__ or info.value)
+    assert "steps" in str(info.value.__cause__ or info.value) or "many" in str(
+        info.value.__cause__ or info.value
+    )
 
 
 def test_cli_prints_composed_llama3_config_and_one_line_errors():
     ok = subprocess.run(
-        [sys.executable, "run.py", "editor=memit", "model=llama3", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "run.py", "editor=memit", "model=llama3", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
     assert "meta-llama/Meta-Llama-3-8B" in ok.stdout and "model.layers.{}.mlp.down_proj" in ok.stdout
-    bad = subprocess.run([sys.executable, "run.py", "editor.lyers=[1]", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "run.py", "editor.lyers=[1]", "--cfg", "job"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0
     assert "lyers" in bad.stderr

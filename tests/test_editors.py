@@ -24,7 +24,9 @@ REQUESTS = [
 
 
 def _logprobs(net, tok):
-    return torch.tensor([s.target_logprob for s in score_probes(net, tok, [Probe(r.text, r.target_new) for r in REQUESTS])])
+    return torch.tensor(
+        [s.target_logprob for s in score_probes(net, tok, [Probe(r.text, r.target_new) for r in REQUESTS])]
+    )
 
 
 def _editors(arch, stats):
@@ -42,7 +44,9 @@ def test_edit_raises_p_target_new_and_restores_bit_exactly(edit_setup, name):
     original = {n: p.detach().clone() for n, p in net.named_parameters()}
     before = _logprobs(net, tok)
     delta = editor.apply(net, tok, REQUESTS)
-    assert all(torch.equal(original[n], p) for n, p in net.named_parameters()), "apply must leave the model as it was"
+    assert all(torch.equal(original[n], p) for n, p in net.named_parameters()), (
+        "apply must leave the model as it was"
+    )
     assert delta.deltas and all(d.abs().sum() > 0 for d in delta.deltas.values())
     with delta.applied(net):
         after = _logprobs(net, tok)
@@ -106,7 +110,9 @@ def test_rank_one_update_writes_the_value_on_the_key():
 
 def test_residual_spread_divisors():
     assert [spread_divisor(6 - i, "linear") for i in range(6)] == [6, 5, 4, 3, 2, 1]
-    assert [round(spread_divisor(6 - i, "sqrt"), 6) for i in range(6)] == [round(v**0.5, 6) for v in (6, 5, 4, 3, 2, 1)]
+    assert [round(spread_divisor(6 - i, "sqrt"), 6) for i in range(6)] == [
+        round(v**0.5, 6) for v in (6, 5, 4, 3, 2, 1)
+    ]
     with pytest.raises(ValueError, match="residual spread"):
         spread_divisor(3, "cubic")
 

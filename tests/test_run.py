@@ -47,7 +47,13 @@ def test_toy_run_writes_results_summary_and_resumes(tmp_path):
     out = tmp_path / "out"
     records = _lines(out / "results.jsonl")
     assert len(records) == 6 and len({r["case_id"] for r in records}) == 6
-    assert {"pre_efficacy", "post_efficacy", "post_locality", "diag_target_nll", "diag_edit_seconds"} <= records[0].keys()
+    assert {
+        "pre_efficacy",
+        "post_efficacy",
+        "post_locality",
+        "diag_target_nll",
+        "diag_edit_seconds",
+    } <= records[0].keys()
     on_disk = json.loads((out / "summary.json").read_text())
     for key in ("efficacy", "generality", "locality", "score"):
         assert 0 <= on_disk[key] <= 100
@@ -74,7 +80,16 @@ def test_interrupted_run_resumes_the_missing_cases(tmp_path):
 
 
 def test_sequential_mode_evaluated_at_the_end(tmp_path):
-    summary = run(_cfg(tmp_path, "model=tiny-llama", "dataset.size=4", "batch_size=2", "edit_mode=sequential", "eval.timing=at_end"))
+    summary = run(
+        _cfg(
+            tmp_path,
+            "model=tiny-llama",
+            "dataset.size=4",
+            "batch_size=2",
+            "edit_mode=sequential",
+            "eval.timing=at_end",
+        )
+    )
     assert summary["n_cases"] == 4
     assert summary["protocol"]["edit_mode"] == "sequential" and summary["protocol"]["eval_timing"] == "at_end"
 
@@ -82,20 +97,43 @@ def test_sequential_mode_evaluated_at_the_end(tmp_path):
 def test_zsre_and_rome_schema_files(tmp_path):
     zsre = run(_cfg(tmp_path / "z", "model=tiny-gptj", "dataset=zsre", "dataset.size=3", "batch_size=3"))
     assert zsre["n_cases"] == 3 and "efficacy" in zsre
-    rome = run(_cfg(tmp_path / "r", "model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_rome_3.json'}", "editor=rome"))
+    rome = run(
+        _cfg(
+            tmp_path / "r",
+            "model=tiny-gpt2",
+            f"dataset.path={ASSETS / 'counterfact_rome_3.json'}",
+            "editor=rome",
+        )
+    )
     assert rome["protocol"]["dataset"]["schema"] == "rome" and rome["n_cases"] == 3
     assert "attribute" in rome["metrics"]["post"]
 
 
 def test_wandb_offline_run_is_written_and_finished(tmp_path):
-    run(_cfg(tmp_path, "model=tiny-gpt2", "dataset.size=2", "batch_size=2", "logger=wandb", "logger.mode=offline"))
+    run(
+        _cfg(
+            tmp_path,
+            "model=tiny-gpt2",
+            "dataset.size=2",
+            "batch_size=2",
+            "logger=wandb",
+            "logger.mode=offline",
+        )
+    )
     runs = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
 
 def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "run.py", *args, *SMALL_STATS, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            sys.executable,
+            "run.py",
+            *args,
+            *SMALL_STATS,
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -103,7 +141,9 @@ def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_record_is_one_line_naming_it(tmp_path):
-    bad = _cli("model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}", tmp_path=tmp_path)
+    bad = _cli(
+        "model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}", tmp_path=tmp_path
+    )
     assert bad.returncode == 2
     message = bad.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ") and "record 1" in message and "not found" in message
@@ -112,7 +152,10 @@ def test_cli_bad_record_is_one_line_naming_it(tmp_path):
 
 def test_cli_skips_bad_records_when_asked(tmp_path):
     ok = _cli(
-        "model=tiny-gpt2", f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}", "dataset.on_invalid=skip", tmp_path=tmp_path
+        "model=tiny-gpt2",
+        f"dataset.path={ASSETS / 'counterfact_easyedit_malformed.json'}",
+        "dataset.on_invalid=skip",
+        tmp_path=tmp_path,
     )
     assert ok.returncode == 0, ok.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -124,7 +167,10 @@ def test_cli_skips_bad_records_when_asked(tmp_path):
 def test_default_run_edits_the_toy(tmp_path):
     """`python run.py` as a user runs it (a few minutes): MEMIT on the toy must work."""
     done = subprocess.run(
-        [sys.executable, "run.py", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "run.py", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -91,7 +91,11 @@ class SecondMoments:
         return {
             "model": self.model_id,
             "module": module,
-            **{k: v for k, v in asdict(self.cfg).items() if k not in ("allow_compute", "batch_tokens", "chunk_docs")},
+            **{
+                k: v
+                for k, v in asdict(self.cfg).items()
+                if k not in ("allow_compute", "batch_tokens", "chunk_docs")
+            },
             "max_length": self.max_length(),
         }
 
@@ -100,7 +104,12 @@ class SecondMoments:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model_id)[-60:]
         corpus = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.cfg.corpus)[-40:]
-        return self.cache_dir / "stats" / slug / f"{module}__{corpus}__n{self.cfg.n_samples}__{self.cfg.dtype}__{digest}.pt"
+        return (
+            self.cache_dir
+            / "stats"
+            / slug
+            / f"{module}__{corpus}__n{self.cfg.n_samples}__{self.cfg.dtype}__{digest}.pt"
+        )
 
     def get(self, module: str) -> torch.Tensor:
         """C for ``module`` as float32 [d_in, d_in] on the CPU."""
@@ -137,7 +146,9 @@ class SecondMoments:
 
     @torch.no_grad()
     def _compute(self, modules: list[str]) -> None:
-        partial = self.path(modules[0]).with_suffix(".partial." + "_".join(modules).replace("/", "_")[:80] + ".pt")
+        partial = self.path(modules[0]).with_suffix(
+            ".partial." + "_".join(modules).replace("/", "_")[:80] + ".pt"
+        )
         dtype = DTYPES[self.cfg.dtype]
         state = {"docs": 0, "tokens": 0, "sums": {}}
         if partial.exists():
@@ -146,16 +157,26 @@ class SecondMoments:
         device = model_device(self.model)
         sums = {m: state["sums"].get(m) for m in modules}
         log.info(
-            "computing covariance statistics for %s on %s (%d documents)", modules, self.cfg.corpus, self.cfg.n_samples
+            "computing covariance statistics for %s on %s (%d documents)",
+            modules,
+            self.cfg.corpus,
+            self.cfg.n_samples,
         )
         docs = islice(self._documents(), state["docs"], None)
-        bar = tqdm(total=self.cfg.n_samples, initial=state["docs"], desc="covariance stats", disable=not self.progress)
+        bar = tqdm(
+            total=self.cfg.n_samples,
+            initial=state["docs"],
+            desc="covariance stats",
+            disable=not self.progress,
+        )
         limit = self.max_length()
         while True:
             chunk = list(islice(docs, self.cfg.chunk_docs))
             if not chunk:
                 break
-            ids = self.tokenizer(chunk, truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(chunk, truncation=True, max_length=limit, add_special_tokens=True)[
+                "input_ids"
+            ]
             for batch in _token_batches(ids, self.cfg.batch_tokens):
                 width = max(len(x) for x in batch)
                 input_ids = torch.full((len(batch), width), pad_id(self.tokenizer), dtype=torch.long)
@@ -180,7 +201,12 @@ class SecondMoments:
         if state["docs"] < self.cfg.n_samples:
             bar.total = state["docs"]
             bar.refresh()
-            log.info("corpus %s ended after %d documents (%d asked for)", self.cfg.corpus, state["docs"], self.cfg.n_samples)
+            log.info(
+                "corpus %s ended after %d documents (%d asked for)",
+                self.cfg.corpus,
+                state["docs"],
+                self.cfg.n_samples,
+            )
         bar.close()
         if state["tokens"] == 0:
             raise ValueError(f"corpus {self.cfg.corpus!r} gave no tokens for covariance statistics")
@@ -188,7 +214,10 @@ class SecondMoments:
             mom2 = (sums[module] / state["tokens"]).float()
             path = self.path(module)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"mom2": mom2, "tokens": state["tokens"], "docs": state["docs"], "key": self.key(module)}, path)
+            torch.save(
+                {"mom2": mom2, "tokens": state["tokens"], "docs": state["docs"], "key": self.key(module)},
+                path,
+            )
             self._memory[module] = mom2
             self.computed.append(module)
             log.info("covariance statistics for %s written to %s (%d tokens)", module, path, state["tokens"])

@@ -29,7 +29,9 @@ def read_at_subject(
     device = model_device(model)
     parts = []
     for start in range(0, len(templates), batch_size):
-        enc = encode(tokenizer, templates[start : start + batch_size], subjects[start : start + batch_size]).to(device)
+        enc = encode(
+            tokenizer, templates[start : start + batch_size], subjects[start : start + batch_size]
+        ).to(device)
         with record(model, [module], inputs=side == "input", outputs=side == "output") as rec:
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
         values = (rec.inputs if side == "input" else rec.outputs)[module]
@@ -66,5 +68,11 @@ def bare_values(
 ) -> torch.Tensor:
     """[N, width]: ``module``'s input or output at the subject's last token of each bare prompt."""
     return read_at_subject(
-        model, tokenizer, [r.prompt for r in requests], [r.subject for r in requests], module, side, batch_size
+        model,
+        tokenizer,
+        [r.prompt for r in requests],
+        [r.subject for r in requests],
+        module,
+        side,
+        batch_size,
     )

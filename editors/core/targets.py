@@ -87,7 +87,16 @@ def optimize_targets(
         stop = start + cfg.batch_size
         lengths = None if norm_lengths is None else norm_lengths[start:stop]
         chunks.append(
-            _optimize_batch(model, tokenizer, requests[start:stop], answers[start:stop], sites, context_groups, cfg, lengths)
+            _optimize_batch(
+                model,
+                tokenizer,
+                requests[start:stop],
+                answers[start:stop],
+                sites,
+                context_groups,
+                cfg,
+                lengths,
+            )
         )
     return Targets(
         delta={s: torch.cat([c.delta[s] for c in chunks]) for s in sites},
@@ -196,7 +205,8 @@ def _optimize_batch(
             kl = cfg.kl_factor * kl_raw
 
             wd = sum(
-                cfg.weight_decay * deltas[s].norm(dim=1) / init[s].norm(dim=1).pow(2).clamp(min=1e-12) for s in sites
+                cfg.weight_decay * deltas[s].norm(dim=1) / init[s].norm(dim=1).pow(2).clamp(min=1e-12)
+                for s in sites
             )
             loss = nll_weight * nll + kl + wd
             if cfg.adaptive_nll:
@@ -231,7 +241,6 @@ def _optimize_batch(
     )
 
 
-
 class TargetCache:
     """Target vectors on disk, one file per request, named by a hash of everything that shapes
     them: model, sites, optimisation settings (not the batch size), context templates, the
@@ -248,7 +257,9 @@ class TargetCache:
         self.misses = 0
 
     def key(self, payload: dict) -> str:
-        blob = json.dumps({"model": self.model_id, "state": self.state, **payload}, sort_keys=True, default=str)
+        blob = json.dumps(
+            {"model": self.model_id, "state": self.state, **payload}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -284,7 +295,9 @@ def cached_targets(
     if answers is None:
         answers = new_answers(requests)
     if cache is None:
-        return optimize_targets(model, tokenizer, requests, sites, context_groups, cfg, answers, progress, norm_lengths)
+        return optimize_targets(
+            model, tokenizer, requests, sites, context_groups, cfg, answers, progress, norm_lengths
+        )
     settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
     keys = [
         cache.key(

@@ -23,7 +23,9 @@ class Encoded:
     subject_last: torch.Tensor
 
     def to(self, device: torch.device) -> Encoded:
-        return Encoded(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.lengths, self.subject_last)))
+        return Encoded(
+            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.lengths, self.subject_last))
+        )
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
