@@ -12,6 +12,7 @@ import random
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else None
     )
     editor = build_editor(cfg.editor, loaded, stats, cache, cfg.progress)
-    if cfg.task == "stats":
+    if cfg.task == "stats":  # computing them is what was asked for
+        stats.cfg = replace(stats.cfg, allow_compute=True)
         stats.prefetch(editor.statistics_modules())
         return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
 

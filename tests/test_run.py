@@ -175,3 +175,14 @@ def test_default_run_edits_the_toy(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["efficacy"] >= 90 and summary["locality"] >= 70
+
+
+def test_missing_statistics_fail_clearly_and_task_stats_computes_them(tmp_path):
+    no_compute = ("model=tiny-gpt2", "dataset.size=2", "batch_size=2", "stats.allow_compute=false")
+    bad = _cli(*no_compute, tmp_path=tmp_path)
+    assert bad.returncode == 2 and "task=stats" in bad.stderr.strip().splitlines()[-1]
+    done = run(_cfg(tmp_path, *no_compute, "task=stats", f"paths.cache_dir={tmp_path / 'cache'}"))
+    assert all(Path(p).exists() for p in done["statistics"].values())
+    ok = _cli(*no_compute, tmp_path=tmp_path)  # the edit run now finds them
+    assert ok.returncode == 0, ok.stderr[-1000:]
+    assert "loaded from cache" in ok.stderr + ok.stdout
