@@ -12,11 +12,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from editors.come import ComeMemitConfig, ComePmetConfig
 from editors.core.covariance import StatsConfig
-from editors.memit import MemitConfig
-from editors.pmet import PmetConfig
-from editors.rome import RomeConfig
+from editors.registry import CONFIG_SCHEMAS
 from runner.datasets import DatasetConfig
 from runner.models import ModelConfig
 
@@ -65,11 +62,7 @@ class RunConfig:
 
 SCHEMAS = {
     ("model", "model_schema"): ModelConfig,
-    ("editor", "memit_schema"): MemitConfig,
-    ("editor", "rome_schema"): RomeConfig,
-    ("editor", "pmet_schema"): PmetConfig,
-    ("editor", "come_memit_schema"): ComeMemitConfig,
-    ("editor", "come_pmet_schema"): ComePmetConfig,
+    **{("editor", f"{name}_schema"): node for name, node in CONFIG_SCHEMAS.items()},
     ("dataset", "dataset_schema"): DatasetConfig,
     ("eval", "eval_schema"): EvalConfig,
     ("stats", "stats_schema"): StatsConfig,

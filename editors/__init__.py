@@ -1,0 +1,1 @@
+"""Editing methods: a shared locate-then-edit core (``editors.core``) and thin method modules."""

@@ -1,0 +1,16 @@
+"""The editors the runner can build, by config name (imported by runner.schema only)."""
+
+from editors.come import ComeMemitConfig, ComePmetConfig
+from editors.memit import MemitConfig
+from editors.pmet import PmetConfig
+from editors.rome import RomeConfig
+
+# Each editor's typed config, by the name its conf/editor/<name>.yaml uses as `defaults: [<name>_schema]`.
+# A new editor adds its config here and a YAML file; the runner never names a method.
+CONFIG_SCHEMAS = {
+    "rome": RomeConfig,
+    "memit": MemitConfig,
+    "pmet": PmetConfig,
+    "come_memit": ComeMemitConfig,
+    "come_pmet": ComePmetConfig,
+}

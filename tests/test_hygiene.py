@@ -1,0 +1,42 @@
+"""Rules of the code base that a grep can check."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHOD_MODULES = ("rome", "memit", "pmet", "come")
+
+
+def _code(folder: str):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        yield path, path.read_text(encoding="utf-8")
+
+
+def test_runner_and_evaluation_never_name_an_editing_method():
+    pattern = re.compile(
+        rf"editors\.({'|'.join(METHOD_MODULES)})\b|\b(Rome|Memit|Pmet|ComeMemit|ComePmet)\w*\("
+    )
+    for folder in ("runner", "evaluation"):
+        for path, text in _code(folder):
+            assert not pattern.search(text), f"{path.relative_to(ROOT)} names an editing method"
+
+
+def test_editors_and_evaluation_do_not_import_the_runner():
+    for folder in ("editors", "evaluation"):
+        for path, text in _code(folder):
+            assert not re.search(r"^\s*(from|import) runner\b", text, re.M), (
+                f"{path.relative_to(ROOT)} imports runner"
+            )
+
+
+def test_hooks_module_is_a_leaf_and_no_device_is_hard_coded():
+    hooks = (ROOT / "editors" / "hooks.py").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(from|import) (editors|runner|evaluation)\b", hooks, re.M)
+    for folder in ("editors", "runner", "evaluation"):
+        for path, text in _code(folder):
+            assert not re.search(r"""["']cuda:\d|\.cuda\(\)""", text), (
+                f"{path.relative_to(ROOT)} hard-codes a device"
+            )
+            assert not re.search(r"^\s*global\s", text, re.M), f"{path.relative_to(ROOT)} uses a global"
