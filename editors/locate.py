@@ -12,7 +12,7 @@ from editors.core.context import sample_context_templates
 from editors.core.covariance import SecondMoments
 from editors.core.targets import TargetCache
 from editors.core.update import to_weight_layout, weight_name
-from editors.delta import WeightDelta
+from editors.delta import Restorer, WeightDelta
 from editors.hooks import get_module
 from editors.spec import ModelSpec
 
@@ -37,10 +37,7 @@ class Scratch:
         self.delta.add(name, update)
 
     def restore(self) -> None:
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.originals.items():
-                params[name].copy_(value)
+        Restorer(self.model, self.originals).restore()
 
 
 @contextlib.contextmanager
