@@ -67,10 +67,11 @@ class Restorer:
         self.model = model
         self.originals = originals
 
-    def merge(self, other: Restorer) -> None:
-        """Keep the earliest original of each parameter (sequential editing)."""
+    def merge(self, other: Restorer) -> Restorer:
+        """Keep the earliest original of each parameter (sequential editing); returns ``self``."""
         for name, value in other.originals.items():
             self.originals.setdefault(name, value)
+        return self
 
     def restore(self) -> None:
         params = dict(self.model.named_parameters())

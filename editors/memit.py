@@ -115,18 +115,19 @@ class Memit(LocateThenEdit):
         z = z.to(device)
         z_site = self.site(layers[-1])
         with scratch(model) as work:
-            start = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
+            # The value at L on the bare prompts, read again after every layer's update.
+            current = start = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
             for i, module in enumerate(modules):
                 keys = compute_keys(
                     model, tokenizer, requests, module, context, cfg.key_averaging, cfg.read_batch_size
                 )
-                current = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
                 residual = (z - current) / spread_divisor(len(layers) - i, cfg.residual_spread)
                 update = least_squares_update(
                     keys, residual, self.stats.get(module).to(device), cfg.update_weight
                 )
                 work.write(module, update)
-            reached = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
+                current = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
+            reached = current
         delta = work.delta
         gap_before = (z - start).norm(dim=1)
         gap_after = (z - reached).norm(dim=1)

@@ -240,7 +240,7 @@ def _edit_and_evaluate(
                     pending.extend((c, batch_info | per_case[c.case_id]) for c in todo)
             finally:
                 if sequential:
-                    kept = restorer if kept is None else _merge(kept, restorer)
+                    kept = restorer if kept is None else kept.merge(restorer)
                 else:
                     restorer.restore()
         if pending:
@@ -255,11 +255,6 @@ def _edit_and_evaluate(
         timings["target_cache"] = {"hits": cache.hits, "misses": cache.misses}
         log.info("target vectors: %d from cache, %d optimised", cache.hits, cache.misses)
     return _summarize(cfg, dataset, loaded, store, output_dir, tracker, timings)
-
-
-def _merge(first: Restorer, later: Restorer) -> Restorer:
-    first.merge(later)
-    return first
 
 
 def _record(case: EditCase, pre: dict, post: dict[str, float], batch_info: dict) -> dict:
