@@ -1,9 +1,11 @@
 """The editors the runner can build, by config name (imported by runner.schema only)."""
 
 from editors.come import ComeMemitConfig, ComePmetConfig
+from editors.finetune import FineTuneConfig, FLearningConfig
 from editors.memit import MemitConfig
 from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
+from editors.unedited import UneditedConfig
 
 # Each editor's typed config, by the name its conf/editor/<name>.yaml uses as `defaults: [<name>_schema]`.
 # A new editor adds its config here and a YAML file; the runner never names a method.
@@ -13,4 +15,9 @@ CONFIG_SCHEMAS = {
     "pmet": PmetConfig,
     "come_memit": ComeMemitConfig,
     "come_pmet": ComePmetConfig,
+    "unedited": UneditedConfig,
+    "ft": FineTuneConfig,
+    "ft_l": FineTuneConfig,
+    "ft_w": FineTuneConfig,
+    "f_learning": FLearningConfig,
 }

@@ -15,6 +15,9 @@ Per probe set (``rewrite`` -> ``efficacy``, ``paraphrase`` -> ``generality``,
 
 For locality the probe's target is the OLD object, so "success" already means that the old
 object still wins; nothing is special-cased by name.
+
+``fluency`` and ``consistency`` are per-case metrics of sampled generations
+(``evaluation.generation.GenerationMetrics``).
 """
 
 from __future__ import annotations
@@ -190,6 +193,16 @@ register_metric(
     aggregation="harmonic_mean",
     inputs=("efficacy", "generality", "locality"),
     description="harmonic mean of the dataset-level efficacy, generality and locality",
+)
+register_metric(
+    "fluency",
+    description="generation entropy: (2/3 H2 + 4/3 H3) / 2, bits of the NLTK-word 2-/3-gram distributions "
+    "of top-k 5 samples (100 tokens with the prompt), mean over a case's texts, x100",
+)
+register_metric(
+    "consistency",
+    description="TF-IDF cosine between a case's generated texts and reference texts about the new object, "
+    "x100 (reference source: protocol.generation in summary.json)",
 )
 
 

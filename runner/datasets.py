@@ -46,6 +46,7 @@ __all__ = [
     "UnknownSchemaError",
     "bundled_path",
     "cases_from_records",
+    "fetch_url",
     "default_cache_dir",
     "detect_schema",
     "load_cases",
@@ -133,6 +134,7 @@ class DatasetConfig:
     target_field: str = "answers"
     download: bool = False
     cache_dir: str | None = None
+    generation_metrics: bool = True  # the protocol reports Fluency/Consistency (CounterFact), not zsRE
 
 
 @dataclass
@@ -375,6 +377,35 @@ def _parse_records(data: bytes, file: str) -> list[object]:
     return records
 
 
+def fetch_url(url: str, dest: Path, what: str, hint: str, expect_json: bool = False) -> Path:
+    """Download ``url`` to ``dest`` (atomically: a partial file never takes its name). An existing
+    non-empty ``dest`` is kept. Errors are ``DatasetDownloadError`` naming ``what`` and ``hint``."""
+    if dest.is_file() and dest.stat().st_size > 0:
+        return dest
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        request = urllib.request.Request(url, headers={"User-Agent": "knowedit-runner"})
+        with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+        if expect_json:
+            with open(tmp, "rb") as fh:
+                head = fh.read(4096).lstrip()
+            if not head.startswith((b"[", b"{")):
+                raise DatasetDownloadError(
+                    f"could not download {what}: {url} did not return JSON (starts with {head[:40]!r}); {hint}"
+                )
+        os.replace(tmp, dest)
+    except DatasetDownloadError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise DatasetDownloadError(f"could not download {what} from {url} ({reason}); {hint}") from exc
+    return dest
+
+
 def _fetch(name: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
     key = _DOWNLOAD_ALIASES.get(name, name)
     if key not in DOWNLOAD_URLS:
@@ -384,33 +415,11 @@ def _fetch(name: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, s
     dest = cache / Path(urlparse(url).path).name
     if dest.is_file() and dest.stat().st_size > 0:
         return dest, url
-    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     hint = (
         f"this machine may be offline: fetch {url} elsewhere and pass dataset.path=/path/to/{dest.name} "
         f"(or put the file at {dest})"
     )
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        request = urllib.request.Request(url, headers={"User-Agent": "knowedit-runner"})
-        with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
-        with open(tmp, "rb") as fh:
-            head = fh.read(4096).lstrip()
-        if not head.startswith((b"[", b"{")):
-            raise DatasetDownloadError(
-                f"could not download dataset {name!r}: {url} did not return JSON "
-                f"(starts with {head[:40]!r}); {hint}"
-            )
-        os.replace(tmp, dest)
-    except DatasetDownloadError:
-        tmp.unlink(missing_ok=True)
-        raise
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", None) or exc
-        raise DatasetDownloadError(
-            f"could not download dataset {name!r} from {url} ({reason}); {hint}"
-        ) from exc
+    fetch_url(url, dest, f"dataset {name!r}", hint, expect_json=True)
     return dest, url
 
 

@@ -33,13 +33,14 @@ from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
 from runner.corpus import corpus_texts
 from runner.datasets import LoadedDataset, load_from_config
+from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
 from runner.results import ResultsStore
 from runner.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("efficacy", "generality", "locality", "score")
+HEADLINE = ("efficacy", "generality", "locality", "score", "fluency", "consistency")
 EDIT_MODES = ("batch", "sequential")
 EVAL_TIMINGS = ("after_batch", "at_end")
 
@@ -183,28 +184,42 @@ def _edit_and_evaluate(
     batches = [cases[i : i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
     todo_ids = {c.case_id for c in cases} - done
     sequential = cfg.edit_mode == "sequential"
-
-    def evaluate(batch: Sequence[EditCase]) -> list[dict[str, float]]:
-        return (
-            score_cases(
-                model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
-            )
-            if batch
-            else []
+    gen_cfg = OmegaConf.to_object(cfg.eval.generation)
+    generation, gen_protocol = None, {"enabled": False}
+    if gen_cfg.enabled and cfg.dataset.get("generation_metrics", True):
+        generation, gen_protocol = build_generation_metrics(
+            gen_cfg, cases, Path(cfg.paths.cache_dir), seed=cfg.seed
         )
+        gen_protocol = {"enabled": True, **gen_protocol}
+    timings = {"edit_seconds": 0.0, "eval_seconds": 0.0, "generation_seconds": 0.0}
+
+    def evaluate(batch: Sequence[EditCase], generate: bool = True) -> list[dict[str, float]]:
+        if not batch:
+            return []
+        metrics = score_cases(
+            model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
+        )
+        if generation is not None and generate:
+            t0 = time.perf_counter()
+            rows = generation(model, tok, batch, progress=cfg.progress and len(batch) > 100)
+            timings["generation_seconds"] += time.perf_counter() - t0
+            for m, row in zip(metrics, rows):
+                if not gen_cfg.keep_texts:
+                    row.pop("generations", None)
+                m.update(row)
+        return metrics
 
     # Pre-edit scores come from the unedited model, so they are taken before any edit.
     pre: dict[str, dict[str, float]] = {}
     if cfg.eval.pre_edit and todo_ids:
         todo = [c for c in cases if c.case_id in todo_ids]
         t0 = time.perf_counter()
-        for case, metrics in zip(todo, evaluate(todo)):
+        for case, metrics in zip(todo, evaluate(todo, generate=gen_cfg.pre_edit)):
             pre[case.case_id] = add_prefix(metrics, "pre_")
         log.info("pre-edit evaluation of %d cases: %.1fs", len(todo), time.perf_counter() - t0)
 
     kept: Restorer | None = None
     pending: list[tuple[EditCase, dict]] = []
-    timings = {"edit_seconds": 0.0, "eval_seconds": 0.0}
     try:
         for index, batch in enumerate(tqdm(batches, desc="edit batches", disable=not cfg.progress)):
             todo = [c for c in batch if c.case_id in todo_ids]
@@ -254,7 +269,7 @@ def _edit_and_evaluate(
     if cache is not None:
         timings["target_cache"] = {"hits": cache.hits, "misses": cache.misses}
         log.info("target vectors: %d from cache, %d optimised", cache.hits, cache.misses)
-    return _summarize(cfg, dataset, loaded, store, output_dir, tracker, timings)
+    return _summarize(cfg, dataset, loaded, store, output_dir, tracker, timings, gen_protocol)
 
 
 def _record(case: EditCase, pre: dict, post: dict[str, float], batch_info: dict) -> dict:
@@ -272,12 +287,22 @@ def _record(case: EditCase, pre: dict, post: dict[str, float], batch_info: dict)
 
 
 def _batch_log(records: list[dict]) -> dict[str, float]:
-    keys = [k for k in records[0] if k.startswith("post_")]
-    return {f"batch/{k[5:]}": float(np.mean([r[k] for r in records if k in r])) for k in keys}
+    keys = {k for r in records for k, v in r.items() if k.startswith("post_") and isinstance(v, (int, float))}
+    return {
+        f"batch/{k[5:]}": float(np.mean([r[k] for r in records if isinstance(r.get(k), (int, float))]))
+        for k in sorted(keys)
+    }
 
 
 def _summarize(
-    cfg, dataset: LoadedDataset, loaded: LoadedModel, store: ResultsStore, output_dir: Path, tracker, timings
+    cfg,
+    dataset: LoadedDataset,
+    loaded: LoadedModel,
+    store: ResultsStore,
+    output_dir: Path,
+    tracker,
+    timings,
+    gen_protocol: dict,
 ) -> dict:
     wanted = {c.case_id for c in dataset.cases}
     records = [r for r in store.load() if str(r["case_id"]) in wanted]
@@ -290,6 +315,9 @@ def _summarize(
         if (v := [r[k] for r in records if k in r])
     }
     summary: dict[str, Any] = {k: post[k]["mean"] for k in HEADLINE if k in post}
+    if gen_protocol.get("enabled"):
+        sources = [r["post_generation_prompts"] for r in records if "post_generation_prompts" in r]
+        gen_protocol = gen_protocol | {"prompt_sources": {s: sources.count(s) for s in sorted(set(sources))}}
     summary.update(
         {
             "n_cases": len(records),
@@ -301,6 +329,7 @@ def _summarize(
                 "edit_mode": cfg.edit_mode,
                 "batch_size": cfg.batch_size,
                 "eval_timing": cfg.eval.timing,
+                "generation": gen_protocol,
                 "seed": cfg.seed,
                 "dataset": {
                     "name": dataset.name,
@@ -328,7 +357,8 @@ def _summarize(
         }
     )
     store.write_json("summary.json", summary)
-    table = format_table([("pre-edit", pre), ("post-edit", post)], list(HEADLINE))
+    columns = [k for k in HEADLINE if k in post or k in pre]
+    table = format_table([("pre-edit", pre), ("post-edit", post)], columns)
     print(f"\n{table}\n\nresults: {store.path}\nsummary: {output_dir / 'summary.json'}")
     tracker.summary(
         {f"post/{k}": v["mean"] for k, v in post.items()} | {f"pre/{k}": v["mean"] for k, v in pre.items()}

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 from editors.core.covariance import StatsConfig
 from editors.registry import CONFIG_SCHEMAS
 from runner.datasets import DatasetConfig
+from runner.generation import GenerationEvalConfig
 from runner.models import ModelConfig
 
 
@@ -23,6 +24,7 @@ class EvalConfig:
     batch_size: int = 64  # sequences per forward pass of the scorer
     pre_edit: bool = True  # also score every case on the unedited model (pre_* metrics)
     timing: str = "after_batch"  # after_batch: evaluate a batch right after its edit; at_end: after all edits (sequential)
+    generation: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)  # Fluency, Consistency
 
 
 @dataclass
