@@ -3,7 +3,8 @@
 Registered in ``conf/config.yaml`` under ``hydra.callbacks.sweep_summary``; turn it off for one
 sweep with ``~hydra.callbacks.sweep_summary``. The outputs land in the sweep folder
 (``hydra.sweep.dir``): ``sweep_table.csv``, ``sweep_table.md`` and ``curve_<key>.png`` (see
-``runner.sweep``). ``python -m runner.sweep <sweep dir>`` rebuilds them at any time.
+``runner.sweep``), and at the end the paper-format ``paper_table*.{md,csv,tex}`` (``runner.table``).
+``python -m runner.sweep <sweep dir>`` and ``python -m runner.table <sweep dir>`` rebuild them.
 """
 
 from __future__ import annotations
@@ -82,3 +83,18 @@ class SweepSummary(Callback):
             )
             return
         print(f"\n{result}\nrebuild: python -m runner.sweep {sweep_dir}")
+        try:
+            from runner.table import build_tables, find_summaries, load_layout, write_tables
+
+            layout = load_layout()
+            tables = build_tables(find_summaries([sweep_dir]), layout)
+            for path in write_tables(tables, sweep_dir, layout):
+                if path.suffix == ".md":
+                    print(f"  paper table: {path}")
+        except Exception as error:
+            log.warning(
+                "paper table not written: %s: %s (python -m runner.table %s)",
+                type(error).__name__,
+                error,
+                sweep_dir,
+            )

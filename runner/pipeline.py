@@ -96,6 +96,17 @@ def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
     )
 
 
+def method_label(cfg: DictConfig) -> str:
+    """The editor's config name as the user chose it (``editor=ft_l``), with a non-default ablation
+    (``come_memit+no_common``); the editor class's name outside a Hydra app."""
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        label = choices.get("editor") or cfg.editor._target_.rsplit(".", 1)[-1]
+        ablation = choices.get("ablation")
+        return f"{label}+{ablation}" if ablation and ablation not in ("none", "None") else label
+    return cfg.editor._target_.rsplit(".", 1)[-1]
+
+
 def sweep_group() -> str | None:
     """In a multirun, the sweep folder's name: every job of a sweep logs to one wandb group."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -326,6 +337,7 @@ def _summarize(
             "timing": timings,
             "protocol": {
                 "editor": cfg.editor._target_,
+                "method": method_label(cfg),
                 "edit_mode": cfg.edit_mode,
                 "batch_size": cfg.batch_size,
                 "eval_timing": cfg.eval.timing,

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD_MODULES = ("rome", "memit", "pmet", "come")
+METHOD_MODULES = ("rome", "memit", "pmet", "come", "finetune", "unedited")
 
 
 def _code(folder: str):
@@ -16,7 +16,7 @@ def _code(folder: str):
 
 def test_runner_and_evaluation_never_name_an_editing_method():
     pattern = re.compile(
-        rf"editors\.({'|'.join(METHOD_MODULES)})\b|\b(Rome|Memit|Pmet|ComeMemit|ComePmet)\w*\("
+        rf"editors\.({'|'.join(METHOD_MODULES)})\b|\b(Rome|Memit|Pmet|ComeMemit|ComePmet|FineTune|FLearning|Unedited)\w*\("
     )
     for folder in ("runner", "evaluation"):
         for path, text in _code(folder):
