@@ -156,10 +156,11 @@ class FineTune:
                 for lo in range(0, len(prompts), cfg.batch_size):
                     hi = lo + cfg.batch_size
                     loss = self._loss(model, tokenizer, prompts[lo:hi], targets[lo:hi], device)
-                    losses.append(float(loss))
+                    value = float(loss.detach())
+                    losses.append(value)
                     weights.append(len(prompts[lo:hi]))
                     opt.zero_grad(set_to_none=True)
-                    if float(loss) >= cfg.loss_floor:
+                    if value >= cfg.loss_floor:
                         loss.backward()
                         opt.step()
                         steps += 1

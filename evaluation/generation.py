@@ -25,7 +25,7 @@ from evaluation.cases import EditCase
 from evaluation.consistency import TfIdf
 from evaluation.fluency import WordTokenizer, case_fluency
 
-__all__ = ["GenerationMetrics", "GenerationSettings", "generate_texts"]
+__all__ = ["GenerationMetrics", "GenerationSettings", "generate_ids", "generate_texts"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,19 @@ def _clean(text: str) -> str:
     return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
-@torch.no_grad()
 def generate_texts(
     model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, progress: bool = False
 ) -> list[str]:
     """One sampled continuation per prompt, decoded with the prompt, in the prompts' order."""
+    ids = generate_ids(model, tokenizer, prompts, settings, progress)
+    return [_clean(tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
+
+
+@torch.no_grad()
+def generate_ids(
+    model, tokenizer, prompts: Sequence[str], settings: GenerationSettings, progress: bool = False
+) -> list[list[int]]:
+    """Token ids (prompt + continuation, ``max_length`` in all) of one sample per prompt."""
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -70,7 +78,7 @@ def generate_texts(
         )
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts: list[str] = [""] * len(prompts)
+    out_ids: list[list[int]] = [[] for _ in prompts]
     # A batch's rows all run to its longest prompt + the shortest prompt's budget; bound the spread
     # of prompt lengths in a batch so that this stays within the model's context and wastes little.
     context = _context_length(model)
@@ -119,11 +127,10 @@ def generate_texts(
                 continuation = out[:, width:].cpu()
                 for r, i in enumerate(rows):
                     budget = settings.max_length - len(encoded[i])
-                    full = encoded[i] + continuation[r, :budget].tolist()
-                    texts[i] = _clean(tokenizer.decode(full, skip_special_tokens=True))
+                    out_ids[i] = list(encoded[i]) + continuation[r, :budget].tolist()
     finally:
         model.train(was_training)
-    return texts
+    return out_ids
 
 
 class GenerationMetrics:

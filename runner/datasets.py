@@ -135,6 +135,7 @@ class DatasetConfig:
     download: bool = False
     cache_dir: str | None = None
     generation_metrics: bool = True  # the protocol reports Fluency/Consistency (CounterFact), not zsRE
+    download_name: str | None = None  # the public file download=true fetches (null: name), e.g. multi_counterfact
 
 
 @dataclass
@@ -193,12 +194,14 @@ def load_cases(
     target_field: str = "answers",
     download: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    download_name: str | None = None,
 ) -> LoadedDataset:
     """Load ``name`` as a list of :class:`EditCase`.
 
     ``path`` given: read that file (``name`` is then only a label). ``path`` None: the bundled offline
     sample of ``name`` (``counterfact``/``zsre``), or with ``download=True`` the public full file
-    (``counterfact``, ``multi_counterfact``/``mcf``, ``zsre``), fetched once into ``cache_dir``.
+    (``counterfact``, ``multi_counterfact``/``mcf``, ``zsre``; ``download_name`` when it differs from
+    ``name``), fetched once into ``cache_dir``.
     ``size`` keeps the first N valid cases. ``schema`` is ``auto`` or one of :data:`SCHEMAS`.
     ``target_field`` (zsRE only) picks the new object: ``answers`` (``answers[0]``, as ROME/MEMIT/CoME)
     or ``alt`` (as EasyEdit).
@@ -210,7 +213,7 @@ def load_cases(
         if not file.is_file():
             raise FileNotFoundError(f"dataset {name!r}: no file at {file}")
     elif download:
-        file, source = _fetch(name, cache_dir)
+        file, source = _fetch(download_name or name, cache_dir)
     else:
         key = _BUNDLED_ALIASES.get(name, name)
         if key not in ("counterfact", "zsre"):
@@ -257,6 +260,7 @@ def load_from_config(cfg: object, cache_dir: str | os.PathLike[str] | None = Non
         target_field=get("target_field", "answers"),
         download=bool(get("download", False)),
         cache_dir=cache_dir if cache_dir is not None else get("cache_dir", None),
+        download_name=get("download_name", None),
     )
 
 

@@ -1,0 +1,108 @@
+"""Paper-format tables (runner.table) and the experiment presets that feed them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from runner.schema import register
+from runner.table import build_tables, find_summaries, load_layout, main, to_markdown
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _summary(folder: Path, method: str, dataset: str, model: str, values: dict, stderr=1.0, batch=10) -> Path:
+    metrics = {k: {"mean": v, "stderr": None if k == "score" else stderr, "n": 4} for k, v in values.items()}
+    folder.mkdir(parents=True)
+    path = folder / "summary.json"
+    path.write_text(
+        json.dumps(
+            {
+                "metrics": {"post": metrics, "pre": {}},
+                "protocol": {
+                    "method": method,
+                    "editor": "x.Y",
+                    "edit_mode": "batch",
+                    "batch_size": batch,
+                    "dataset": {"name": dataset, "size": 4},
+                    "model": {"id": model},
+                    "generation": {"enabled": dataset == "counterfact", "consistency_source": "dataset", "tfidf": "t"},
+                },
+            }
+        )
+    )
+    return path
+
+
+CF = {"efficacy": 90.0, "generality": 80.0, "locality": 70.0, "score": 79.1, "fluency": 600.0, "consistency": 20.0}
+ZS = {"efficacy": 50.0, "generality": 40.0, "locality": 30.0, "score": 38.3}
+
+
+def test_rows_in_paper_order_with_stderr_and_references(tmp_path):
+    for i, method in enumerate(["come_memit", "memit", "unedited", "ft_w", "come_memit+no_common"]):
+        _summary(tmp_path / f"{i}", method, "counterfact", "EleutherAI/gpt-j-6B", CF)
+    _summary(tmp_path / "z", "memit", "zsre", "EleutherAI/gpt-j-6B", ZS)
+    layout = load_layout()
+    tables = build_tables(find_summaries([tmp_path]), layout)
+    cf, zs = tables
+    assert [r.label for r in cf.rows] == ["Unedited", "FT-W", "MEMIT", "CoME-MEMIT", "CoME-MEMIT (no_common)"]
+    assert cf.columns == ["efficacy", "generality", "locality", "score", "fluency", "consistency"]
+    assert zs.columns == ["efficacy", "generality", "locality", "score"]  # zsRE: no generation metrics
+    md = to_markdown(cf, layout)
+    assert "| MEMIT | 90.0 ± 1.0 | 80.0 ± 1.0 | 70.0 ± 1.0 | 79.1 | 600.0 ± 1.0 | 20.0 ± 1.0 |" in md
+    assert "Efficacy ↑" in md and "not comparable with published Consistency" in md
+    # published GPT-J rows (MEMIT paper) with their source
+    refs = dict((ref["id"], rows) for ref, rows in cf.references)
+    memit = next(r for r in refs["memit-gptj-counterfact"] if r.method == "memit")
+    assert memit.metrics["efficacy"]["mean"] == 98.9 and "MEMIT paper" in md
+    assert [ref["id"] for ref, _ in zs.references] == ["memit-gptj-zsre"]
+
+
+def test_no_references_for_other_models_unless_asked(tmp_path):
+    _summary(tmp_path / "a", "memit", "counterfact", "toy", CF)
+    assert build_tables(find_summaries([tmp_path]))[0].references == []
+    assert build_tables(find_summaries([tmp_path]), reference_model="gpt-j")[0].references
+
+
+def test_cli_writes_markdown_csv_latex_and_flags_protocol_differences(tmp_path, capsys):
+    _summary(tmp_path / "a", "memit", "counterfact", "toy", CF, batch=16)
+    _summary(tmp_path / "b", "rome", "counterfact", "toy", CF, batch=1)
+    _summary(tmp_path / "c", "rome", "counterfact", "toy", CF, batch=16)
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "paper_table.md").read_text()
+    assert "ROME [b]" in md and "ROME [c]" in md  # two rows of one method: told apart by folder
+    assert "batch_size=1 (differs)" in md
+    frame = pd.read_csv(tmp_path / "paper_table.csv")
+    assert list(frame["label"]) == ["ROME [b]", "ROME [c]", "MEMIT"] and "efficacy_stderr" in frame
+    tex = (tmp_path / "paper_table.tex").read_text()
+    assert "\\toprule" in tex and "$\\pm$" in tex
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "neither a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("experiment", ["table1", "table2", "scaling"])
+def test_presets_compose_as_one_batch_multiruns(experiment):
+    register()
+    GlobalHydra.instance().clear()
+    paths = ["paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        full = compose("config", overrides=[f"+experiment={experiment}", *paths], return_hydra_config=True)
+        tiny = compose("config", overrides=[f"+experiment={experiment}", "+size=tiny", "model=toy", *paths])
+    GlobalHydra.instance().clear()
+    assert str(full.hydra.mode).endswith("MULTIRUN") and full.edit_mode == "batch"
+    params = full.hydra.sweeper.params
+    if experiment == "scaling":
+        assert params["dataset.size"].split(",")[0] == "1" and params["dataset.size"].endswith("10000")
+        assert full.batch_size == full.dataset.size or full.dataset.size is None
+    else:
+        editors = params.editor.split(",")
+        assert {"unedited", "ft", "ft_w", "f_learning", "rome", "memit", "pmet", "come_memit", "come_pmet"} == set(editors)
+        assert params.model == "gpt-j,llama3"
+        assert full.batch_size == full.dataset.size == 10000 and full.dataset.download
+    assert tiny.batch_size == tiny.dataset.size == 16 and not tiny.dataset.download
+    assert tiny.model.name == "toy"
