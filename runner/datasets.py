@@ -135,7 +135,9 @@ class DatasetConfig:
     download: bool = False
     cache_dir: str | None = None
     generation_metrics: bool = True  # the protocol reports Fluency/Consistency (CounterFact), not zsRE
-    download_name: str | None = None  # the public file download=true fetches (null: name), e.g. multi_counterfact
+    download_name: str | None = (
+        None  # the public file download=true fetches (null: name), e.g. multi_counterfact
+    )
 
 
 @dataclass

@@ -52,7 +52,8 @@ def test_every_model_editor_pair_composes_and_resolves(model, editor):
     for dataset, logger in itertools.product(DATASETS, LOGGERS):
         cfg = _compose(f"model={model}", f"editor={editor}", f"dataset={dataset}", f"logger={logger}")
         container = OmegaConf.to_container(cfg, resolve=True)
-        layers = container["editor"].get("layers") or [container["editor"]["layer"]]
+        node = container["editor"]
+        layers = node.get("layers") or ([node["layer"]] if "layer" in node else [])
         assert all(0 <= layer < container["model"]["n_layers"] for layer in layers)
         OmegaConf.to_object(cfg.editor)  # the typed editor config builds
 

@@ -20,7 +20,10 @@ REQUESTS = [
 
 def _logprobs(net, tok, answer="target_new"):
     return torch.tensor(
-        [s.target_logprob for s in score_probes(net, tok, [Probe(r.text, getattr(r, answer)) for r in REQUESTS])]
+        [
+            s.target_logprob
+            for s in score_probes(net, tok, [Probe(r.text, getattr(r, answer)) for r in REQUESTS])
+        ]
     )
 
 
@@ -36,7 +39,9 @@ def test_ft_raises_p_target_new_and_leaves_the_model_as_it_was(edit_setup, objec
     before = _logprobs(net, tok)
     delta = editor.apply(net, tok, REQUESTS)
     assert all(torch.equal(original[n], p) for n, p in net.named_parameters())
-    assert set(delta.deltas) == set(editor.parameters(net)) and all(SPECS[arch].mlp_out_name(1) in n for n in delta.deltas)
+    assert set(delta.deltas) == set(editor.parameters(net)) and all(
+        SPECS[arch].mlp_out_name(1) in n for n in delta.deltas
+    )
     assert all(p.requires_grad for p in net.parameters()), "requires_grad flags are restored"
     with delta.applied(net):
         after = _logprobs(net, tok)
@@ -47,9 +52,9 @@ def test_ft_raises_p_target_new_and_leaves_the_model_as_it_was(edit_setup, objec
 def test_ft_l_clamps_every_element_to_the_linf_ball(edit_setup):
     arch, tok, net, _ = edit_setup
     eps = 1e-3
-    delta = FineTune(FineTuneConfig(layers=[1], num_steps=5, lr=1e-2, norm_constraint=eps), SPECS[arch]).apply(
-        net, tok, REQUESTS
-    )
+    delta = FineTune(
+        FineTuneConfig(layers=[1], num_steps=5, lr=1e-2, norm_constraint=eps), SPECS[arch]
+    ).apply(net, tok, REQUESTS)
     assert max(float(d.abs().max()) for d in delta.deltas.values()) <= eps * (1 + 1e-5)
     free = FineTune(FineTuneConfig(layers=[1], num_steps=5, lr=1e-2), SPECS[arch]).apply(net, tok, REQUESTS)
     assert max(float(d.abs().max()) for d in free.deltas.values()) > eps
@@ -83,7 +88,9 @@ def test_f_learning_forgets_the_old_answer_then_learns_the_new(edit_setup):
     assert all(torch.equal(original[n], p) for n, p in net.named_parameters())
     assert delta.diagnostics["f_learning_forgotten"] == 2 and delta.diagnostics["forget_ft_steps"] >= 1
     # forgetting alone (θ − λ Δ_old) lowers P(old)
-    forget_only = FLearning(FLearningConfig(layers=[1], num_steps=0, lr=1e-2, forget_num_steps=10), SPECS[arch])
+    forget_only = FLearning(
+        FLearningConfig(layers=[1], num_steps=0, lr=1e-2, forget_num_steps=10), SPECS[arch]
+    )
     with forget_only.apply(net, tok, REQUESTS).applied(net):
         assert bool((_logprobs(net, tok, "target_true") < old_before).all())
     with delta.applied(net):

@@ -77,9 +77,9 @@ def test_attribute_snippets_and_dataset_references(tmp_path):
     path = tmp_path / "attribute_snippets.json"
     path.write_text(json.dumps([{"relation_id": "P1", "target_id": "Q2", "samples": [{"text": "x y"}]}]))
     snippets = AttributeSnippets.load(path)
-    assert snippets.for_case(_case("0", "A", "Rome", "Paris", meta={"relation_id": "P1", "target_new_id": "Q2"})) == [
-        "x y"
-    ]
+    assert snippets.for_case(
+        _case("0", "A", "Rome", "Paris", meta={"relation_id": "P1", "target_new_id": "Q2"})
+    ) == ["x y"]
     assert snippets.for_case(_case("1", "A", "Rome", "Paris")) is None  # no ids
     path.write_text(json.dumps([{"relation": "P1"}]))
     with pytest.raises(ValueError, match="record 0"):
@@ -134,7 +134,9 @@ def test_generation_metrics_per_case(tiny_gpt2, tiny_tokenizer):
     assert "consistency" in rows[0] and "consistency" not in rows[1]  # no references for case 1
     assert rows[1]["generation_prompts"] == "rewrite+paraphrase prompts" and len(rows[1]["generations"]) == 2
     assert rows[0]["fluency"] >= 0
-    only_record = GenerationMetrics(GenerationSettings(max_length=16), None, lambda c: None, prompt_source="record")
+    only_record = GenerationMetrics(
+        GenerationSettings(max_length=16), None, lambda c: None, prompt_source="record"
+    )
     assert "fluency" not in only_record(tiny_gpt2, tiny_tokenizer, cases[1:])[0]
 
 

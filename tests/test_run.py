@@ -186,3 +186,17 @@ def test_missing_statistics_fail_clearly_and_task_stats_computes_them(tmp_path):
     ok = _cli(*no_compute, tmp_path=tmp_path)  # the edit run now finds them
     assert ok.returncode == 0, ok.stderr[-1000:]
     assert "loaded from cache" in ok.stderr + ok.stdout
+
+
+def test_generation_metrics_land_in_results_and_summary(tmp_path):
+    summary = run(_cfg(tmp_path, *TOY, "eval.generation.max_length=40"))
+    records = _lines(tmp_path / "out" / "results.jsonl")
+    assert all(len(r["post_generations"]) == 2 for r in records)  # rewrite + paraphrase prompt
+    assert all(r["post_fluency"] > 0 for r in records) and "pre_fluency" not in records[0]
+    assert summary["fluency"] == pytest.approx(100 * sum(r["post_fluency"] for r in records) / len(records))
+    gen = summary["protocol"]["generation"]
+    assert gen["enabled"] and gen["consistency_source"] == "dataset" and not gen["comparable_with_papers"]
+    assert gen["prompt_sources"] == {"rewrite+paraphrase prompts": 6}
+    assert summary["protocol"]["method"]
+    fast = run(_cfg(tmp_path / "fast", *TOY, "eval=fast"))
+    assert "fluency" not in fast and fast["protocol"]["generation"] == {"enabled": False}

@@ -31,7 +31,11 @@ def _summary(folder: Path, method: str, dataset: str, model: str, values: dict, 
                     "batch_size": batch,
                     "dataset": {"name": dataset, "size": 4},
                     "model": {"id": model},
-                    "generation": {"enabled": dataset == "counterfact", "consistency_source": "dataset", "tfidf": "t"},
+                    "generation": {
+                        "enabled": dataset == "counterfact",
+                        "consistency_source": "dataset",
+                        "tfidf": "t",
+                    },
                 },
             }
         )
@@ -39,7 +43,14 @@ def _summary(folder: Path, method: str, dataset: str, model: str, values: dict, 
     return path
 
 
-CF = {"efficacy": 90.0, "generality": 80.0, "locality": 70.0, "score": 79.1, "fluency": 600.0, "consistency": 20.0}
+CF = {
+    "efficacy": 90.0,
+    "generality": 80.0,
+    "locality": 70.0,
+    "score": 79.1,
+    "fluency": 600.0,
+    "consistency": 20.0,
+}
 ZS = {"efficacy": 50.0, "generality": 40.0, "locality": 30.0, "score": 38.3}
 
 
@@ -101,7 +112,17 @@ def test_presets_compose_as_one_batch_multiruns(experiment):
         assert full.batch_size == full.dataset.size or full.dataset.size is None
     else:
         editors = params.editor.split(",")
-        assert {"unedited", "ft", "ft_w", "f_learning", "rome", "memit", "pmet", "come_memit", "come_pmet"} == set(editors)
+        assert {
+            "unedited",
+            "ft",
+            "ft_w",
+            "f_learning",
+            "rome",
+            "memit",
+            "pmet",
+            "come_memit",
+            "come_pmet",
+        } == set(editors)
         assert params.model == "gpt-j,llama3"
         assert full.batch_size == full.dataset.size == 10000 and full.dataset.download
     assert tiny.batch_size == tiny.dataset.size == 16 and not tiny.dataset.download
