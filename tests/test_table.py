@@ -127,3 +127,13 @@ def test_presets_compose_as_one_batch_multiruns(experiment):
         assert full.batch_size == full.dataset.size == 10000 and full.dataset.download
     assert tiny.batch_size == tiny.dataset.size == 16 and not tiny.dataset.download
     assert tiny.model.name == "toy"
+
+
+def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _summary(tmp_path / "a", "memit", "counterfact", "toy", CF)
+    assert main([str(tmp_path), "--wandb"]) == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
