@@ -142,6 +142,7 @@ class ToyTraining:
     subject_lens_weight: float = 3.0  # weight of that auxiliary loss
     eval_every: int = 250
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
+    cases: int | None = None  # train on at least the first N dataset cases (null: the run's cases): runs of different dataset.size share one toy
     progress: bool = True
 
 

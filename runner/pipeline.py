@@ -146,7 +146,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dataset.source,
         dataset.n_skipped,
     )
-    loaded = load_model(cfg.model, cases=dataset.cases, cache_dir=cache_dir, seed=cfg.seed)
+    loaded = load_model(
+        cfg.model, cases=_training_cases(cfg, dataset, data_cache), cache_dir=cache_dir, seed=cfg.seed
+    )
     log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
     stats = build_stats(cfg, loaded)
     cache = (
@@ -170,6 +172,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return summary
     finally:
         tracker.finish(failed=failed)
+
+
+def _training_cases(cfg: DictConfig, dataset: LoadedDataset, data_cache: Path) -> list[EditCase]:
+    """The cases a locally trained model learns: the run's, or at least the first
+    ``model.train.cases`` of the dataset, so that runs of different sizes share one model."""
+    n = OmegaConf.select(cfg, "model.train.cases", default=None)
+    if cfg.model.source != "toy" or not n or n <= len(dataset.cases):
+        return dataset.cases
+    more = load_from_config(
+        {**OmegaConf.to_container(cfg.dataset, resolve=True), "size": n}, cache_dir=data_cache
+    )
+    return more.cases
 
 
 def _edit_and_evaluate(

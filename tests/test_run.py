@@ -200,3 +200,17 @@ def test_generation_metrics_land_in_results_and_summary(tmp_path):
     assert summary["protocol"]["method"]
     fast = run(_cfg(tmp_path / "fast", *TOY, "eval=fast"))
     assert "fluency" not in fast and fast["protocol"]["generation"] == {"enabled": False}
+
+
+def test_toy_can_train_on_more_cases_than_a_run_edits(tmp_path):
+    """model.train.cases: runs of different dataset.size share one toy (a scaling curve)."""
+    from runner.datasets import load_from_config
+    from runner.pipeline import _training_cases
+
+    cfg = _cfg(tmp_path, *TOY, "model.train.cases=9")
+    dataset = load_from_config(cfg.dataset, cache_dir=tmp_path)
+    cases = _training_cases(cfg, dataset, tmp_path)
+    assert len(dataset.cases) == 6 and [c.case_id for c in cases[:6]] == [c.case_id for c in dataset.cases]
+    assert len(cases) == 9
+    assert _training_cases(_cfg(tmp_path, *TOY), dataset, tmp_path) is dataset.cases
+    assert len(_training_cases(_cfg(tmp_path, *TOY, "model.train.cases=2"), dataset, tmp_path)) == 6
