@@ -2,7 +2,7 @@
 PY ?= python
 ARGS ?=
 
-.PHONY: help install test test-slow presets-tiny table lint format demo cfg stats clean
+.PHONY: help install test test-slow presets-tiny table bench lint format demo cfg stats clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -18,12 +18,15 @@ test-slow:  ## the slow tests (longer end-to-end runs)
 	$(PY) -m pytest -q -m slow
 
 presets-tiny:  ## every experiment preset (Table 1, Table 2, scaling) on the toy model at tiny size (CI runs it)
-	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false $(ARGS)
-	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false $(ARGS)
-	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false 'dataset.size=4,16' $(ARGS)
+	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
+	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
+	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=4,16' $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)
+
+bench:  ## speed and memory, batched vs one case at a time (toy, CPU): make bench ARGS="--cases 64 --batch 32"
+	$(PY) -m bench $(ARGS)
 
 lint:  ## ruff check + format check
 	$(PY) -m ruff check .

@@ -2,9 +2,19 @@
 
 from editors.core.covariance import MissingStatisticsError
 from runner.datasets import DatasetError
+from runner.generation import ConsistencySetupError
+from runner.oom import OutOfMemory
 from runner.pipeline import ConfigError, run
 
 # Errors caused by the user's input (config, data, missing statistics): reported in one line.
-USER_ERRORS = (DatasetError, MissingStatisticsError, ConfigError, FileNotFoundError)
+# OutOfMemory names the settings to turn.
+USER_ERRORS = (
+    DatasetError,
+    MissingStatisticsError,
+    ConfigError,
+    ConsistencySetupError,
+    FileNotFoundError,
+    OutOfMemory,
+)
 
 __all__ = ["run", "USER_ERRORS", "ConfigError"]

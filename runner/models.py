@@ -142,7 +142,9 @@ class ToyTraining:
     subject_lens_weight: float = 3.0  # weight of that auxiliary loss
     eval_every: int = 250
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
-    cases: int | None = None  # train on at least the first N dataset cases (null: the run's cases): runs of different dataset.size share one toy
+    cases: int | None = (
+        None  # train on at least the first N dataset cases (null: the run's cases): runs of different dataset.size share one toy
+    )
     progress: bool = True
 
 
@@ -569,7 +571,8 @@ def _toy_key(cfg: ModelConfig, facts: list[ToyFact], seed: int) -> str:
                 "vocab_size": cfg.tokenizer.vocab_size,
                 "min_frequency": cfg.tokenizer.min_frequency,
             },
-            "train": {k: v for k, v in asdict(cfg.train).items() if k != "progress"},
+            # "cases" is not a setting of the model: the facts it yields are in the key
+            "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("progress", "cases")},
             "seed": seed,
             "facts": [asdict(f) for f in facts],
         }

@@ -35,6 +35,7 @@ from runner.corpus import corpus_texts
 from runner.datasets import LoadedDataset, load_from_config
 from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
+from runner.oom import explain_oom
 from runner.results import ResultsStore
 from runner.tracking import make_tracker
 
@@ -146,9 +147,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dataset.source,
         dataset.n_skipped,
     )
-    loaded = load_model(
-        cfg.model, cases=_training_cases(cfg, dataset, data_cache), cache_dir=cache_dir, seed=cfg.seed
-    )
+    with explain_oom("load", cfg):
+        loaded = load_model(
+            cfg.model, cases=_training_cases(cfg, dataset, data_cache), cache_dir=cache_dir, seed=cfg.seed
+        )
     log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
     stats = build_stats(cfg, loaded)
     cache = (
@@ -159,7 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     editor = build_editor(cfg.editor, loaded, stats, cache, cfg.progress)
     if cfg.task == "stats":  # computing them is what was asked for
         stats.cfg = replace(stats.cfg, allow_compute=True)
+    with explain_oom("stats", cfg):  # before any edit, so their time is not the first batch's
         stats.prefetch(editor.statistics_modules())
+    if cfg.task == "stats":
         return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -221,12 +225,14 @@ def _edit_and_evaluate(
     def evaluate(batch: Sequence[EditCase], generate: bool = True) -> list[dict[str, float]]:
         if not batch:
             return []
-        metrics = score_cases(
-            model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
-        )
+        with explain_oom("eval", cfg):
+            metrics = score_cases(
+                model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
+            )
         if generation is not None and generate:
             t0 = time.perf_counter()
-            rows = generation(model, tok, batch, progress=cfg.progress and len(batch) > 100)
+            with explain_oom("generation", cfg):
+                rows = generation(model, tok, batch, progress=cfg.progress and len(batch) > 100)
             timings["generation_seconds"] += time.perf_counter() - t0
             for m, row in zip(metrics, rows):
                 if not gen_cfg.keep_texts:
@@ -255,7 +261,8 @@ def _edit_and_evaluate(
                     ",".join(c.case_id for b in batches[:index] for c in b).encode()
                 ).hexdigest()
             t0 = time.perf_counter()
-            delta = editor.apply(model, tok, [c.request for c in batch])
+            with explain_oom("edit", cfg):
+                delta = editor.apply(model, tok, [c.request for c in batch])
             edit_seconds = time.perf_counter() - t0
             timings["edit_seconds"] += edit_seconds
             batch_info = {"batch": index, "diag_edit_seconds": edit_seconds}

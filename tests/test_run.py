@@ -214,3 +214,18 @@ def test_toy_can_train_on_more_cases_than_a_run_edits(tmp_path):
     assert len(cases) == 9
     assert _training_cases(_cfg(tmp_path, *TOY), dataset, tmp_path) is dataset.cases
     assert len(_training_cases(_cfg(tmp_path, *TOY, "model.train.cases=2"), dataset, tmp_path)) == 6
+
+
+def test_out_of_memory_during_an_edit_names_the_knobs(tmp_path, monkeypatch):
+    import torch
+
+    from runner.oom import OutOfMemory
+
+    def boom(self, model, tokenizer, requests):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("editors.memit.Memit.apply", boom)
+    with pytest.raises(OutOfMemory) as info:
+        run(_cfg(tmp_path, "model=tiny-gpt2", "dataset.size=2", "batch_size=2", "eval=fast"))
+    message = str(info.value)
+    assert "batch_size" in message and "model.dtype" in message

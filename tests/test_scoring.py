@@ -212,3 +212,38 @@ def test_empty_inputs_and_errors(tiny_gpt2, tiny_tokenizer, llama_tokenizer):
         tokenize_answers(types.SimpleNamespace(is_fast=False), [("a", "b")])
     with pytest.raises(ValueError, match="batch_size"):
         score_probes(tiny_gpt2, tiny_tokenizer, PROBES[:1], batch_size=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gptj", "llama"])
+def test_packed_target_and_foil_equal_one_sequence_per_pass(arch):
+    """Batched scoring packs a probe's target and foil into one row (shared prompt, 4-D mask when
+    both continue past one token) and feeds no token after the last answer token: the scores are
+    those of one plain sequence per forward pass."""
+    from evaluation.scoring import _causal_lm, _score_tokenized
+    from tests.editing_fixtures import model, tokenizer
+
+    tok = tokenizer(arch)
+    net = model(arch, tok, init=0.5)
+    assert _causal_lm(net)
+    probes = PROBES + [
+        Probe("Rome is a citizen of", "the Kingdom of Spain", "the Republic of Italy"),
+        Probe("Marie Curie works in the field of", "physics", "Christianity and Islam"),
+    ]
+    alone = score_probes(net, tok, probes, batch_size=1)
+    for batch_size in (2, 5, 64):
+        together = score_probes(net, tok, probes, batch_size=batch_size)
+        for a, b in zip(alone, together):
+            assert b.n_target_tokens == a.n_target_tokens
+            assert b.target_logprob == pytest.approx(a.target_logprob, abs=1e-5)
+            assert b.target_token_acc == pytest.approx(a.target_token_acc)
+            assert b.target_exact == a.target_exact
+            assert (b.foil_logprob is None) == (a.foil_logprob is None)
+            if a.foil_logprob is not None:
+                assert b.foil_logprob == pytest.approx(a.foil_logprob, abs=1e-5)
+    # the multi-token pairs really were packed with a branched mask
+    pairs = [(p.prompt, a) for p in probes[-2:] for a in (p.target, p.foil)]
+    seqs = tokenize_answers(tok, pairs)
+    from evaluation.scoring import _row
+
+    assert _row([0, 1], seqs, causal=True).branched
+    assert len(_score_tokenized(net, tok, seqs, 4, False, [(0, 1), (2, 3)])) == 4

@@ -9,8 +9,12 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.core.context import flatten, group_weights
 from editors.core.tokens import encode, model_device
-from editors.hooks import record
+from editors.hooks import get_module, record
 from editors.requests import EditRequest
+
+
+class _Stop(Exception):
+    """Raised by a hook once the module that is read has run: the rest of the model is not needed."""
 
 
 @torch.no_grad()
@@ -23,20 +27,41 @@ def read_at_subject(
     side: str = "output",
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """[len(templates), width] float32: ``module``'s input or output at each subject's last token."""
+    """[len(templates), width] float32: ``module``'s input or output at each subject's last token.
+
+    Prompts are run in batches of similar length (less padding), and each forward pass stops
+    right after ``module``: nothing after it is needed.
+    """
     if side not in ("input", "output"):
         raise ValueError(f"side must be 'input' or 'output', got {side!r}")
     device = model_device(model)
+    enc = encode(tokenizer, templates, subjects)
+    order = torch.argsort(enc.lengths, descending=True, stable=True)
+    target = get_module(model, module)
+
+    def stop(_module, _args, _output):
+        raise _Stop
+
     parts = []
     for start in range(0, len(templates), batch_size):
-        enc = encode(
-            tokenizer, templates[start : start + batch_size], subjects[start : start + batch_size]
-        ).to(device)
+        rows = order[start : start + batch_size]
+        width = int(enc.lengths[rows].max())
         with record(model, [module], inputs=side == "input", outputs=side == "output") as rec:
-            model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+            handle = target.register_forward_hook(stop)  # after the recording hooks
+            try:
+                model(
+                    input_ids=enc.input_ids[rows, :width].to(device),
+                    attention_mask=enc.attention_mask[rows, :width].to(device),
+                )
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
         values = (rec.inputs if side == "input" else rec.outputs)[module]
-        parts.append(values[torch.arange(values.shape[0], device=device), enc.subject_last].float())
-    return torch.cat(parts)
+        last = enc.subject_last[rows].to(values.device)
+        parts.append(values[torch.arange(values.shape[0], device=values.device), last].float())
+    out = torch.cat(parts)
+    return torch.empty_like(out).index_copy_(0, order.to(out.device), out).to(device)
 
 
 def compute_keys(

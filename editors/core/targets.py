@@ -7,9 +7,17 @@ subject's last token of every prompt of that request. δ_i minimises
     NLL(answer | rewriting prompts) + kl_factor · KL(p_δ ‖ p_0 on "{subject} is a") + wd · ‖δ_i‖ / ‖h_i‖²
 
 where h_i is the site's original output at the subject's last token of the plain prompt.
-All requests of a batch share one forward pass per step; each request keeps its own early stop
-(loss < ``loss_stop``) and its own norm clamp (‖δ_i‖ ≤ clamp_norm_factor · ‖h_i‖), so the result
-equals optimising every request alone with the reference loop.
+All requests of a batch share the forward passes of a step (their rows grouped by length, so
+that padding stays small); each request keeps its own early stop (loss < ``loss_stop``) and its
+own norm clamp (‖δ_i‖ ≤ clamp_norm_factor · ‖h_i‖), so the result equals optimising every
+request alone with the reference loop (up to float rounding).
+
+Each step computes only what the result needs: the rows of requests that have stopped are no
+longer run, the tokens before the subject's last token (context template and prompt prefix,
+which δ cannot change) are run once per batch and kept as a key/value cache
+(``editors.core.rows``, ``reuse_prefix``), and the output embedding is applied only at the
+positions the loss reads (``editors.core.logits``). The optimised δ stays in float32 whatever the
+model's dtype; it is cast to the activations' dtype where it is added.
 """
 
 from __future__ import annotations
@@ -25,11 +33,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from editors.core.context import flatten
+from editors.core.logits import logits_at
+from editors.core.rows import RowFeed
 from editors.core.tokens import answer_ids, encode, model_device
 from editors.hooks import edit_outputs
 from editors.requests import EditRequest
 
 KL_PROMPT = "{} is a"
+#: TargetConfig fields that change how fast, not what, is computed (left out of cache keys).
+SPEED_ONLY = ("batch_size", "reuse_prefix")
 
 
 @dataclass
@@ -46,6 +58,7 @@ class TargetConfig:
     adaptive_nll: bool = False  # PMET: once every answer token is the argmax, weigh the NLL 0.1× next step
     kl_stop: float = 0.01  # PMET: ...and stop when the (unweighted) KL is at most this
     batch_size: int = 32  # requests optimised together in one forward pass per step (not in cache keys)
+    reuse_prefix: bool = True  # run what precedes the subject once, not every step (not in cache keys)
 
 
 @dataclass
@@ -122,6 +135,13 @@ def _optimize_batch(
     cfg: TargetConfig,
     norm_lengths: Sequence[int] | None,
 ) -> Targets:
+    """One batch of requests (see the module docstring).
+
+    Work per step is kept to what the result needs: only the rows of requests still being
+    optimised are run (a request that stopped early costs nothing more), the tokens before the
+    subject's last token are run once (``RowFeed``), and the output embedding is applied only at
+    the positions the loss reads (``logits_at``).
+    """
     device = model_device(model)
     templates = flatten(context_groups)
     n_req, n_tmpl = len(requests), len(templates)
@@ -140,68 +160,110 @@ def _optimize_batch(
         subjects.append(request.subject)
         suffixes.append([])
         targets.append([])
-    enc = encode(tokenizer, texts, subjects, suffixes).to(device)
+    enc = encode(tokenizer, texts, subjects, suffixes)
     rows_per_req = n_tmpl + 1
-    owner = torch.arange(n_req, device=device).repeat_interleave(rows_per_req)
-    is_kl = torch.zeros(len(texts), dtype=torch.bool, device=device)
-    is_kl[rows_per_req - 1 :: rows_per_req] = True
-    plain_rows = torch.arange(n_req, device=device) * rows_per_req  # template "{}" comes first
+    owner = torch.arange(n_req).repeat_interleave(rows_per_req)  # [R] (CPU, like all row bookkeeping)
+    plain_rows = torch.arange(n_req) * rows_per_req  # template "{}" comes first
+    lookup = enc.subject_last
 
-    # Teacher-forced target positions: the logits at position p predict token p+1, so the answer
-    # tokens are predicted from positions len-T .. len-1 of each rewriting row.
-    target_ids = torch.zeros_like(enc.input_ids)
-    target_mask = torch.zeros(enc.input_ids.shape, dtype=torch.float32, device=device)
+    # What the loss reads ("picks"): the logits at position p predict token p+1, so the T answer
+    # tokens of a rewriting row are predicted from positions len-T .. len-1; a KL row is read at
+    # the subject's last token (gold -1).
+    pick_row, pick_col, pick_gold = [], [], []
+    row_norm = torch.ones(len(texts))
     for row, ids in enumerate(targets):
         if ids:
             end = int(enc.lengths[row])
-            target_ids[row, end - len(ids) : end] = torch.tensor(ids, device=device)
-            target_mask[row, end - len(ids) : end] = 1.0
-    if norm_lengths is None:
-        row_norm = target_mask.sum(1).clamp(min=1)
-    else:
-        row_norm = torch.tensor(norm_lengths, dtype=torch.float32, device=device)[owner]
-    rows = torch.arange(len(texts), device=device)
-    lookup = enc.subject_last
+            pick_row += [row] * len(ids)
+            pick_col += range(end - len(ids), end)
+            pick_gold += ids
+            row_norm[row] = len(ids) if norm_lengths is None else norm_lengths[int(owner[row])]
+        else:
+            pick_row.append(row)
+            pick_col.append(int(lookup[row]))
+            pick_gold.append(-1)
+    pick_row_t, pick_col_t = torch.tensor(pick_row), torch.tensor(pick_col)
+    pick_gold_t = torch.tensor(pick_gold)
+    feed = RowFeed(model, enc, lookup, cfg.reuse_prefix)
 
     # Every site (block, MLP or attention output) writes to the residual stream: width d.
     d_model = model.get_input_embeddings().embedding_dim
     deltas = {s: torch.zeros(n_req, d_model, device=device, requires_grad=True) for s in sites}
-    init: dict[str, torch.Tensor] = {}
+    init = {s: torch.zeros(n_req, d_model, device=device) for s in sites}  # filled at the first step
+    is_plain = torch.zeros(len(texts), dtype=torch.bool)
+    is_plain[plain_rows] = True
 
-    def make_edit(site: str):
-        def edit(out: torch.Tensor) -> torch.Tensor:
-            if site not in init:
-                init[site] = out[plain_rows, lookup[plain_rows]].detach().float()
-            add = deltas[site][owner].to(out.dtype)
-            out = out.clone()
-            out[rows, lookup] = out[rows, lookup] + add
-            return out
+    def run(rows: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass over ``rows``: per request, its NLL summed over these rows (over
+        n_tmpl) and the number of answer tokens that are not the argmax; the KL rows' log-probs."""
+        step = feed.step(rows)
+        local = torch.full((len(texts),), -1, dtype=torch.long)
+        local[rows] = torch.arange(len(rows))
+        keep = local[pick_row_t] >= 0
+        p_rows, p_gold = pick_row_t[keep], pick_gold_t[keep]
+        p_cols = pick_col_t[keep] - step.shift[local[p_rows]]
+        row_owner = owner[rows].to(device)
+        cols = step.edit_cols
+        where = torch.arange(len(rows), device=device)
+        plain = is_plain[rows].to(device)
 
-        return edit
+        def make_edit(site: str):
+            def edit(out: torch.Tensor) -> torch.Tensor:
+                # (with a model dispatched over several devices, the site may not be on `device`)
+                at, col, on_plain = where.to(out.device), cols.to(out.device), plain.to(out.device)
+                if first:
+                    init[site][row_owner[plain]] = (
+                        out[at[on_plain], col[on_plain]].detach().float().to(device)
+                    )
+                out = out.clone()
+                out[at, col] = out[at, col] + deltas[site][row_owner].to(device=out.device, dtype=out.dtype)
+                return out
+
+            return edit
+
+        with edit_outputs(model, {s: make_edit(s) for s in sites}):
+            with logits_at(model, local[p_rows].to(device), p_cols.to(device)) as chosen:
+                out = model(**step.kwargs)
+        log_probs = torch.log_softmax(chosen.select(out.logits).float(), dim=-1)  # [P, V]
+        is_kl = (p_gold < 0).to(device)
+        gold = p_gold.clamp(min=0).to(device)
+        pick_owner = owner[p_rows].to(device)
+        token_lp = log_probs.gather(1, gold[:, None]).squeeze(1).masked_fill(is_kl, 0.0)
+        token_nll = -token_lp / row_norm[p_rows].to(device) / n_tmpl
+        nll = torch.zeros(n_req, device=device).index_add(0, pick_owner, token_nll)
+        wrong = ((log_probs.argmax(-1) != gold) & ~is_kl).float()
+        n_wrong = torch.zeros(n_req, device=device).index_add(0, pick_owner, wrong)
+        return nll, n_wrong, log_probs[is_kl], pick_owner[is_kl]
 
     optimizer = torch.optim.Adam(list(deltas.values()), lr=cfg.lr)
     active = torch.ones(n_req, dtype=torch.bool, device=device)
     steps = torch.zeros(n_req, dtype=torch.long)
-    kl_init: torch.Tensor | None = None
-    loss = nll = torch.zeros(n_req, device=device)
+    kl_init = torch.zeros(0)
+    last_loss = torch.zeros(n_req, device=device)
+    last_nll = torch.zeros(n_req, device=device)
     nll_weight = torch.full((n_req,), cfg.nll_weight, device=device)
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         for it in range(cfg.steps):
-            with edit_outputs(model, {s: make_edit(s) for s in sites}):
-                logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-
-            token_lp = log_probs.gather(2, target_ids.unsqueeze(2)).squeeze(2) * target_mask
-            row_nll = -token_lp.sum(1) / row_norm
-            nll = torch.zeros(n_req, device=device).index_add(0, owner[~is_kl], row_nll[~is_kl]) / n_tmpl
-
-            kl_lp = log_probs[is_kl, lookup[is_kl]]
-            if kl_init is None:
-                kl_init = kl_lp.detach()
-            kl_raw = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)
+            # The rows of the requests still being optimised, in groups of similar length.
+            evaluated = active.clone()
+            rows = evaluated.cpu()[owner].nonzero()[:, 0]
+            nll = n_wrong = torch.zeros(n_req, device=device)
+            kl_parts, kl_owners = [], []
+            for group in feed.plan(rows):
+                part_nll, part_wrong, part_kl, part_owner = run(group, first=it == 0)
+                nll, n_wrong = nll + part_nll, n_wrong + part_wrong
+                kl_parts.append(part_kl)
+                kl_owners.append(part_owner)
+            kl_req = torch.cat(kl_owners)
+            kl_lp = torch.cat(kl_parts)
+            if it == 0:  # every request is evaluated at the first step
+                kl_init = torch.zeros_like(kl_lp).index_copy(0, kl_req, kl_lp.detach())
+            kl_raw = torch.zeros(n_req, device=device).index_put(
+                (kl_req,), (kl_lp.exp() * (kl_lp - kl_init[kl_req])).sum(-1)
+            )
             kl = cfg.kl_factor * kl_raw
 
             wd = sum(
@@ -211,16 +273,21 @@ def _optimize_batch(
             loss = nll_weight * nll + kl + wd
             if cfg.adaptive_nll:
                 # PMET: "prob == maxprob", i.e. every answer token of every prompt is the argmax.
-                wrong = ((log_probs.argmax(-1) != target_ids) & (target_mask > 0)).any(1).float()
-                solved = torch.zeros(n_req, device=device).index_add(0, owner, wrong) == 0
+                solved = evaluated & (n_wrong == 0)
                 active &= ~(solved & (kl_raw.detach() <= cfg.kl_stop))
-                nll_weight = torch.where(solved, 0.1 * cfg.nll_weight, cfg.nll_weight)
+                nll_weight = torch.where(
+                    evaluated,
+                    torch.where(solved, 0.1 * cfg.nll_weight, cfg.nll_weight),
+                    nll_weight,
+                )
             active &= loss.detach() >= cfg.loss_stop
+            last_loss = torch.where(evaluated, loss.detach(), last_loss)
+            last_nll = torch.where(evaluated, nll.detach(), last_nll)
             if it == cfg.steps - 1 or not bool(active.any()):
                 break
             frozen = {s: d.detach().clone() for s, d in deltas.items()}
             optimizer.zero_grad()
-            loss.sum().backward()
+            loss[active].sum().backward()  # each request's loss depends on its own δ only
             optimizer.step()
             with torch.no_grad():
                 for s, d in deltas.items():
@@ -236,14 +303,14 @@ def _optimize_batch(
         delta={s: d.detach() for s, d in deltas.items()},
         init=init,
         steps=steps,
-        loss=loss.detach().cpu(),
-        nll=nll.detach().cpu(),
+        loss=last_loss.cpu(),
+        nll=last_nll.cpu(),
     )
 
 
 class TargetCache:
     """Target vectors on disk, one file per request, named by a hash of everything that shapes
-    them: model, sites, optimisation settings (not the batch size), context templates, the
+    them: model, sites, optimisation settings (not the batch size or ``reuse_prefix``), context templates, the
     request, the answer, and ``state`` (the edit history in sequential mode; empty otherwise).
     Settings that only act after the optimisation (CoME's α and p) are not part of the key, so a
     sweep over them reuses the vectors.
@@ -298,7 +365,7 @@ def cached_targets(
         return optimize_targets(
             model, tokenizer, requests, sites, context_groups, cfg, answers, progress, norm_lengths
         )
-    settings = {k: v for k, v in asdict(cfg).items() if k != "batch_size"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
     keys = [
         cache.key(
             {
