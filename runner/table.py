@@ -154,8 +154,16 @@ def _protocol_notes(rows: Sequence[Row]) -> list[str]:
     mode, batch, size = common
     n_cases = sorted({str(r.metrics.get("efficacy", {}).get("n", "?")) for r in rows})
     notes.append(f"protocol: edit_mode={mode}, batch_size={batch}, cases per row: {', '.join(n_cases)}")
-    for r in rows:
-        if key(r) != common:
+    differing = [r for r in rows if key(r) != common]
+    if len(differing) > 3:  # e.g. a scaling curve: one batch size per row
+        sizes = sorted({str(r.protocol.get("batch_size")) for r in rows})
+        modes = sorted({str(r.protocol.get("edit_mode")) for r in rows})
+        notes[-1] = (
+            f"protocol differs between rows: edit_mode ∈ {{{', '.join(modes)}}}, batch_size ∈ "
+            f"{{{', '.join(sizes)}}}, cases per row: {', '.join(n_cases)} (per row in the CSV)"
+        )
+    else:
+        for r in differing:
             p = r.protocol
             notes.append(
                 f"{r.label}: edit_mode={p.get('edit_mode')}, batch_size={p.get('batch_size')} (differs)"
