@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from editors.core.covariance import SecondMoments
 from editors.core.targets import TargetCache
-from editors.core.tokens import answer_ids, encode, model_device
+from editors.core.tokens import Encoded, answer_ids, encode, model_device
 from editors.delta import Restorer, WeightDelta
 from editors.requests import EditRequest
 from editors.spec import ModelSpec
@@ -73,6 +73,18 @@ class FLearningConfig(FineTuneConfig):
     forget_weight: float = 1.0  # λ: θ′ = θ − λ·Δ_old (unverified default; sweep it)
     forget_num_steps: int | None = None  # null: num_steps
     forget_lr: float | None = None  # null: lr
+
+
+@dataclass
+class _Batch:
+    enc: Encoded
+    positions: torch.Tensor  # [B, K]: where logits are read (K = 1 for prompt_last)
+    gold: torch.Tensor  # [B, W]: the answer token expected at each read
+    mask: torch.Tensor  # [B, W]: 1 for real answer tokens
+
+    @property
+    def size(self) -> int:
+        return int(self.gold.shape[0])
 
 
 def _lm_head_logits(model, enc, positions):
@@ -147,18 +159,23 @@ class FineTune:
         device = model_device(model)
         opt = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=self.weight_decay(len(prompts)))
         targets = [answer_ids(tokenizer, " " + a) for a in answers]
+        batches = [  # tokenised once: every epoch feeds the same batches
+            self._batch(
+                tokenizer, prompts[lo : lo + cfg.batch_size], targets[lo : lo + cfg.batch_size], device
+            )
+            for lo in range(0, len(prompts), cfg.batch_size)
+        ]
         steps, last_mean = 0, float("nan")
         try:
             for name, p in model.named_parameters():
                 p.requires_grad_(name in params)
             for _epoch in range(num_steps):
                 losses, weights = [], []
-                for lo in range(0, len(prompts), cfg.batch_size):
-                    hi = lo + cfg.batch_size
-                    loss = self._loss(model, tokenizer, prompts[lo:hi], targets[lo:hi], device)
+                for batch in batches:
+                    loss = self._loss(model, batch)
                     value = float(loss.detach())
                     losses.append(value)
-                    weights.append(len(prompts[lo:hi]))
+                    weights.append(batch.size)
                     opt.zero_grad(set_to_none=True)
                     if value >= cfg.loss_floor:
                         loss.backward()
@@ -180,29 +197,33 @@ class FineTune:
             Restorer(model, originals).restore()
         return deltas, {"ft_steps": float(steps), "ft_final_loss": last_mean}
 
-    def _loss(self, model, tokenizer, prompts, targets, device) -> torch.Tensor:
+    def _batch(self, tokenizer, prompts, targets, device) -> _Batch:
+        """Inputs of one batch: the tokens fed, the positions whose logits the loss reads, and the
+        answer token expected from each read (``mask`` marks the real ones)."""
         templates, subjects = zip(*prompts)
-        if self.config.objective == "prompt_last":
-            enc = encode(tokenizer, templates, subjects).to(device)
-            logp = torch.log_softmax(_lm_head_logits(model, enc, (enc.lengths - 1)[:, None])[:, 0], dim=-1)
-            width = max(len(t) for t in targets)
-            ids = torch.zeros((len(targets), width), dtype=torch.long, device=device)
-            mask = torch.zeros((len(targets), width), device=device)
-            for i, t in enumerate(targets):
-                ids[i, : len(t)] = torch.tensor(t)
-                mask[i, : len(t)] = 1
-            per_request = -(logp.gather(1, ids) * mask).sum(1) / mask.sum(1)
-            return per_request.mean()
-        enc = encode(tokenizer, templates, subjects, suffixes=targets).to(device)
         n_answer = torch.tensor([len(t) for t in targets], device=device)
-        start = enc.lengths - n_answer - 1  # the position predicting the first answer token
         width = int(n_answer.max())
         offsets = torch.arange(width, device=device)
-        positions = (start[:, None] + offsets).clamp(min=0)
         mask = (offsets[None, :] < n_answer[:, None]).float()
-        logp = torch.log_softmax(_lm_head_logits(model, enc, positions), dim=-1)
-        gold = enc.input_ids.gather(1, (positions + 1).clamp(max=enc.input_ids.shape[1] - 1))
-        nll = -(logp.gather(2, gold[..., None])[..., 0] * mask).sum(1) / mask.sum(1)
+        if self.config.objective == "prompt_last":
+            # every answer token is read from the distribution at the last prompt token
+            enc = encode(tokenizer, templates, subjects).to(device)
+            positions = (enc.lengths - 1)[:, None]
+            gold = torch.zeros((len(targets), width), dtype=torch.long, device=device)
+            for i, t in enumerate(targets):
+                gold[i, : len(t)] = torch.tensor(t)
+        else:  # teacher forcing: answer token j is read at the position before it
+            enc = encode(tokenizer, templates, subjects, suffixes=targets).to(device)
+            start = enc.lengths - n_answer - 1  # the position predicting the first answer token
+            positions = (start[:, None] + offsets).clamp(min=0)
+            gold = enc.input_ids.gather(1, (positions + 1).clamp(max=enc.input_ids.shape[1] - 1))
+        return _Batch(enc, positions, gold, mask)
+
+    def _loss(self, model, batch: _Batch) -> torch.Tensor:
+        """Mean over requests of the mean NLL of their answer tokens."""
+        logp = torch.log_softmax(_lm_head_logits(model, batch.enc, batch.positions), dim=-1)
+        logp = logp.expand(-1, batch.gold.shape[1], -1)  # prompt_last: one position for all tokens
+        nll = -(logp.gather(2, batch.gold[..., None])[..., 0] * batch.mask).sum(1) / batch.mask.sum(1)
         return nll.mean()
 
     def apply(
