@@ -419,8 +419,6 @@ def _fetch(name: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, s
     url = DOWNLOAD_URLS[key]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = cache / Path(urlparse(url).path).name
-    if dest.is_file() and dest.stat().st_size > 0:
-        return dest, url
     hint = (
         f"this machine may be offline: fetch {url} elsewhere and pass dataset.path=/path/to/{dest.name} "
         f"(or put the file at {dest})"
