@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny byte-level BPE tokenizer trained locally and a tiny random GPT-2.
+"""Shared test fixtures: a tiny byte-level BPE tokenizer trained locally, a tiny random GPT-2, and
+the project's Hydra config (``compose_config``, the ``hydra_conf`` fixture).
 
 Nothing is downloaded. Both fixtures are session-scoped; treat them as read-only (a test that
 edits the model's weights must work on a copy, e.g. ``copy.deepcopy(tiny_gpt2)``).
@@ -6,7 +7,10 @@ edits the model's weights must work on a copy, e.g. ``copy.deepcopy(tiny_gpt2)``
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,42 @@ import torch
 torch.set_num_threads(1)
 
 EOS = "<|endoftext|>"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@contextlib.contextmanager
+def project_config() -> Iterator[None]:
+    """Hydra initialised on the project's ``conf/`` with the schemas registered: ``compose`` works
+    inside the block; Hydra's global state is cleared before and after."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from runner.schema import register
+
+    register()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False):
+    """The run config composed from ``conf/config.yaml`` with ``overrides``, as run.py would."""
+    from hydra import compose
+
+    with project_config():
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+@pytest.fixture
+def hydra_conf():
+    """Compose freely inside the test (``hydra.compose("config", ...)``)."""
+    with project_config():
+        yield
+
 
 _SUBJECTS = [
     "Danielle Darrieux",

@@ -5,19 +5,14 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from runner.schema import register
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+from tests.conftest import CONF, ROOT
 
 
 def _options(group: str) -> list[str]:
@@ -27,13 +22,7 @@ def _options(group: str) -> list[str]:
 MODELS, EDITORS, DATASETS, LOGGERS = (_options(g) for g in ("model", "editor", "dataset", "logger"))
 
 
-@pytest.fixture(autouse=True)
-def hydra_config_dir():
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("hydra_conf")  # every test composes on the project's conf/
 
 
 def _compose(*overrides: str):

@@ -15,10 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 
-from runner.schema import register
 from runner.sweep import CSV_NAME, MD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,15 +42,6 @@ def _installed(module: str) -> bool:
 def _require(module: str) -> None:
     if not _installed(module):
         pytest.skip(f"{module} is not installed")
-
-
-@pytest.fixture
-def hydra_conf():
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 def _hydra(overrides: list[str]):

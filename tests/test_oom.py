@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from runner.oom import KNOBS, OutOfMemory, explain_oom, is_out_of_memory
-from runner.schema import register
+from tests.conftest import compose_config
 
-ROOT = Path(__file__).resolve().parents[1]
 CUDA_OOM = (
     "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which "
     "1.02 GiB is free. Of the allocated memory 75.31 GiB is allocated by PyTorch"
@@ -21,18 +16,9 @@ CUDA_OOM = (
 
 
 def _cfg(*overrides: str):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                "logger=none",
-                "paths.cache_dir=/tmp/unused",
-                "paths.output_dir=/tmp/unused",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "logger=none", "paths.cache_dir=/tmp/unused", "paths.output_dir=/tmp/unused", *overrides
+    )
 
 
 def test_every_knob_is_a_real_config_key():

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from runner import run
-from runner.schema import register
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "tests" / "assets"
@@ -20,18 +18,12 @@ SMALL_STATS = ["stats.n_samples=150", "threads=1", "progress=false", "logger=non
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            "config",
-            overrides=[
-                *SMALL_STATS,
-                f"paths.cache_dir={tmp_path.parent / 'shared-cache'}",
-                f"paths.output_dir={tmp_path / 'out'}",
-                *overrides,
-            ],
-        )
+    return compose_config(
+        *SMALL_STATS,
+        f"paths.cache_dir={tmp_path.parent / 'shared-cache'}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        *overrides,
+    )
 
 
 def _lines(path: Path) -> list[dict]:

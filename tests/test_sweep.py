@@ -12,13 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from runner.callbacks import SweepSummary
-from runner.schema import register
 from runner.sweep import CSV_NAME, MD_NAME, SweepError, aggregate_sweep, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,15 +232,6 @@ def test_callback_aggregates_at_multirun_end_and_after_each_job(sweep, capsys):
 
 def _sweep_override(name: str) -> str:
     return f"sweep={name}"
-
-
-@pytest.fixture
-def hydra_conf():
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
 
 
 EXPECTED = {

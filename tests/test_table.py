@@ -7,13 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from runner.schema import register
 from runner.table import build_tables, find_summaries, load_layout, main, to_markdown
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from tests.conftest import compose_config
 
 
 def _summary(folder: Path, method: str, dataset: str, model: str, values: dict, stderr=1.0, batch=10) -> Path:
@@ -98,13 +94,9 @@ def test_cli_writes_markdown_csv_latex_and_flags_protocol_differences(tmp_path, 
 
 @pytest.mark.parametrize("experiment", ["table1", "table2", "scaling"])
 def test_presets_compose_as_one_batch_multiruns(experiment):
-    register()
-    GlobalHydra.instance().clear()
     paths = ["paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        full = compose("config", overrides=[f"+experiment={experiment}", *paths], return_hydra_config=True)
-        tiny = compose("config", overrides=[f"+experiment={experiment}", "+size=tiny", "model=toy", *paths])
-    GlobalHydra.instance().clear()
+    full = compose_config(f"+experiment={experiment}", *paths, return_hydra_config=True)
+    tiny = compose_config(f"+experiment={experiment}", "+size=tiny", "model=toy", *paths)
     assert str(full.hydra.mode).endswith("MULTIRUN") and full.edit_mode == "batch"
     params = full.hydra.sweeper.params
     if experiment == "scaling":
