@@ -17,7 +17,5 @@ CONFIG_SCHEMAS = {
     "come_pmet": ComePmetConfig,
     "unedited": UneditedConfig,
     "ft": FineTuneConfig,
-    "ft_l": FineTuneConfig,
-    "ft_w": FineTuneConfig,
     "f_learning": FLearningConfig,
 }
