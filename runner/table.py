@@ -32,6 +32,7 @@ import pandas as pd
 import yaml
 
 from evaluation.metrics import METRICS
+from evaluation.tables import format_cell
 
 log = logging.getLogger(__name__)
 
@@ -193,19 +194,15 @@ def _header(metric: str, names: Mapping[str, str], latex: bool = False) -> str:
 
 
 def _cell(entry: Mapping | None, digits: int = 1, latex: bool = False) -> str:
-    if (
-        not entry
-        or entry.get("mean") is None
-        or (isinstance(entry["mean"], float) and math.isnan(entry["mean"]))
-    ):
-        return "–" if not latex else "--"
+    """ "mean ± stderr" (``evaluation.tables.format_cell``); LaTeX puts the ± part in small type.
+    A missing or NaN mean is a dash."""
+    if not entry or entry.get("mean") is None or math.isnan(entry["mean"]):
+        return "--" if latex else "–"
+    if not latex:
+        return format_cell(entry, digits)
     text = f"{entry['mean']:.{digits}f}"
     if entry.get("stderr") is not None:
-        text += (
-            f" ± {entry['stderr']:.{digits}f}"
-            if not latex
-            else f" {{\\scriptsize $\\pm$ {entry['stderr']:.{digits}f}}}"
-        )
+        text += f" {{\\scriptsize $\\pm$ {entry['stderr']:.{digits}f}}}"
     return text
 
 
