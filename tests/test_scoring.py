@@ -139,6 +139,17 @@ def test_answer_tokens_are_the_tokens_of_space_plus_answer(tiny_tokenizer):
         assert tok.answer_mask == sorted(tok.answer_mask)
 
 
+def _assert_same_score(together, alone) -> None:
+    """A probe scored in a batch gives what it gives alone (up to float rounding)."""
+    assert together.n_target_tokens == alone.n_target_tokens
+    assert together.target_logprob == pytest.approx(alone.target_logprob, abs=1e-5)
+    assert together.target_token_acc == pytest.approx(alone.target_token_acc)
+    assert together.target_exact == alone.target_exact
+    assert (together.foil_logprob is None) == (alone.foil_logprob is None)
+    if alone.foil_logprob is not None:
+        assert together.foil_logprob == pytest.approx(alone.foil_logprob, abs=1e-5)
+
+
 def test_batched_equals_unbatched_and_order_is_preserved(tiny_llama, llama_tokenizer):
     # many lengths, deliberately not sorted, so sorting and bucketing reorders them internally
     probes = [Probe(p.prompt, p.target, p.foil) for p in PROBES] + [
@@ -149,14 +160,7 @@ def test_batched_equals_unbatched_and_order_is_preserved(tiny_llama, llama_token
     for batch_size in (1, 3, 64):
         batched = score_probes(tiny_llama, llama_tokenizer, probes, batch_size=batch_size)
         for alone, together in zip(one_by_one, batched):
-            assert together.n_target_tokens == alone.n_target_tokens
-            assert together.target_logprob == pytest.approx(alone.target_logprob, abs=1e-5)
-            assert together.target_token_acc == pytest.approx(alone.target_token_acc)
-            assert together.target_exact == alone.target_exact
-            if alone.foil_logprob is None:
-                assert together.foil_logprob is None
-            else:
-                assert together.foil_logprob == pytest.approx(alone.foil_logprob, abs=1e-5)
+            _assert_same_score(together, alone)
     # distinct probes really get distinct scores (no accidental broadcast of one row)
     assert len({round(s.target_logprob, 6) for s in one_by_one}) == len(probes)
 
@@ -233,13 +237,7 @@ def test_packed_target_and_foil_equal_one_sequence_per_pass(arch):
     for batch_size in (2, 5, 64):
         together = score_probes(net, tok, probes, batch_size=batch_size)
         for a, b in zip(alone, together):
-            assert b.n_target_tokens == a.n_target_tokens
-            assert b.target_logprob == pytest.approx(a.target_logprob, abs=1e-5)
-            assert b.target_token_acc == pytest.approx(a.target_token_acc)
-            assert b.target_exact == a.target_exact
-            assert (b.foil_logprob is None) == (a.foil_logprob is None)
-            if a.foil_logprob is not None:
-                assert b.foil_logprob == pytest.approx(a.foil_logprob, abs=1e-5)
+            _assert_same_score(b, a)
     # the multi-token pairs really were packed with a branched mask
     pairs = [(p.prompt, a) for p in probes[-2:] for a in (p.target, p.foil)]
     seqs = tokenize_answers(tok, pairs)
