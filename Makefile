@@ -2,14 +2,20 @@
 PY ?= python
 ARGS ?=
 
-.PHONY: help install test test-slow presets-tiny table bench lint format demo cfg stats clean
+.PHONY: help install lock test test-slow presets-tiny table bench lint format demo cfg stats clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-install:  ## install PyTorch (2.13.0; CPU build where no CUDA build is wanted) and the project with dev tools
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+CONSTRAINTS ?= requirements/constraints.txt
+
+install:  ## install PyTorch 2.13.0 first (no CUDA wheels pulled in), then the project + dev tools at the tested versions
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+
+lock:  ## rewrite requirements/constraints.txt from this environment (after a tested upgrade)
+	{ sed -n '1,/^# torch==/p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 test:  ## the default test suite (CPU, no network, a few minutes)
 	$(PY) -m pytest -q

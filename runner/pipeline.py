@@ -33,6 +33,7 @@ from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
 from runner.corpus import corpus_texts
 from runner.datasets import LoadedDataset, load_from_config
+from runner.environment import run_environment
 from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
 from runner.oom import explain_oom
@@ -386,6 +387,7 @@ def _summarize(
                 },
                 "metric_definitions": {name: METRICS[name].description for name in post if name in METRICS},
                 "git_sha": git_sha(),
+                "environment": run_environment(),
             },
         }
     )

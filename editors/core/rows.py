@@ -46,6 +46,20 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword that takes a key/value cache: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated and goes in 5.40) or ``past_key_values`` (earlier versions).
+    Read from the forward signature, not from a version number or a model name."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache of a model output, under either name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer of a ``transformers`` cache, whatever its version's layout."""
     if hasattr(cache, "layers"):  # transformers >= 4.56
@@ -85,6 +99,7 @@ class RowFeed:
         self.lengths = enc.lengths.cpu()
         self.device = next(model.parameters()).device
         self.dtype = _float_dtype(model)
+        self.cache_kw = cache_argument(model)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         if reuse_prefix and supports_prefix_cache(model) and int(self.edit.max()) > 0:
             self._run_prefix(model)
@@ -122,7 +137,7 @@ class RowFeed:
                 position_ids=positions.to(self.device),
                 use_cache=True,
             )
-        self.kv = [(k.detach(), v.detach()) for k, v in _cache_tensors(out.past_key_values)]
+        self.kv = [(k.detach(), v.detach()) for k, v in _cache_tensors(output_cache(out))]
         self.prefix_valid = valid
         self.suffix = suffix
         self.suffix_len = suffix_len
@@ -200,5 +215,5 @@ class RowFeed:
                     values[:, :, start:].index_select(0, index),
                     layer,
                 )
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self.cache_kw: cache, "use_cache": True})
         return Step(kwargs, torch.zeros(len(rows), dtype=torch.long, device=self.device), self.edit[rows])
