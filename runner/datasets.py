@@ -61,7 +61,8 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 
 #: Offline files shipped in ``runner/data`` (see ``runner/data/SOURCES.md``).
 BUNDLED_FILES: dict[str, str] = {
-    "counterfact": "counterfact_sample.json",
+    "counterfact": "multi_counterfact_sample.json",  # full ROME/MEMIT schema (the papers' protocol)
+    "counterfact_easyedit": "counterfact_sample.json",  # EasyEdit schema (1 paraphrase, 1 neighbour)
     "zsre": "zsre_sample.json",
     "wikitext2": "wikitext2_test.txt",
 }
@@ -138,6 +139,9 @@ class DatasetConfig:
     download_name: str | None = (
         None  # the public file download=true fetches (null: name), e.g. multi_counterfact
     )
+
+    def __post_init__(self) -> None:
+        _check_args(self.size, self.on_invalid, self.schema, self.target_field, prefix="dataset.")
 
 
 @dataclass
@@ -218,9 +222,10 @@ def load_cases(
         file, source = _fetch(download_name or name, cache_dir)
     else:
         key = _BUNDLED_ALIASES.get(name, name)
-        if key not in ("counterfact", "zsre"):
+        if key not in ("counterfact", "counterfact_easyedit", "zsre"):
             raise ValueError(
-                f"dataset {name!r} has no bundled sample (bundled: counterfact, zsre); pass dataset.path=FILE"
+                f"dataset {name!r} has no bundled sample (bundled: counterfact, counterfact_easyedit, zsre); "
+                "pass dataset.path=FILE"
                 + (" or dataset.download=true" if _DOWNLOAD_ALIASES.get(name, name) in DOWNLOAD_URLS else "")
             )
         file = bundled_path(key)
@@ -744,15 +749,18 @@ def _request(case_id: str, template: str, subject: str, new: str, true: str | No
         raise _Problem(str(exc)) from None
 
 
-def _check_args(size: int | None, on_invalid: str, schema: str, target_field: str) -> None:
+def _check_args(size: int | None, on_invalid: str, schema: str, target_field: str, prefix: str = "") -> None:
+    """One-line :class:`DatasetError` for a bad setting (``prefix``: ``dataset.`` from the config)."""
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer or None, got {size!r}")
+        raise DatasetError(f"{prefix}size must be a positive integer or null (all cases), got {size!r}")
     if on_invalid not in ON_INVALID:
-        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+        raise DatasetError(f"{prefix}on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
     if schema != "auto" and schema not in SCHEMAS:
-        raise ValueError(f"schema must be 'auto' or one of {SCHEMAS}, got {schema!r}")
+        raise DatasetError(f"{prefix}schema must be auto or one of {', '.join(SCHEMAS)}, got {schema!r}")
     if target_field not in TARGET_FIELDS:
-        raise ValueError(f"target_field must be one of {TARGET_FIELDS}, got {target_field!r}")
+        raise DatasetError(
+            f"{prefix}target_field must be one of {', '.join(TARGET_FIELDS)}, got {target_field!r}"
+        )
 
 
 def _short(text: str, limit: int = 80) -> str:

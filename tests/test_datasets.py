@@ -30,7 +30,8 @@ MALFORMED = ASSETS / "counterfact_easyedit_malformed.json"
 
 # sha256 of the bundled files, as written in runner/data/SOURCES.md
 BUNDLED_SHA256 = {
-    "counterfact": "58fafce2d076e689c93878d4ec31ff47ff617b5964600787c9adf3869afa1e4d",
+    "counterfact": "befa79af9606039634cc22cebc071630cf693ea76b605ad8012caabbf0a04836",
+    "counterfact_easyedit": "58fafce2d076e689c93878d4ec31ff47ff617b5964600787c9adf3869afa1e4d",
     "zsre": "f7328469f6b45a3d5fdd68b794c3d8ccd2ceb75e40ae1f118e3f7c03485f1382",
     "wikitext2": "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a",
 }
@@ -38,7 +39,7 @@ BUNDLED_SHA256 = {
 
 @pytest.fixture(scope="module")
 def cf() -> LoadedDataset:
-    return load_cases("counterfact")
+    return load_cases("counterfact_easyedit")
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +249,7 @@ def test_not_a_list(tmp_path: Path) -> None:
 
 
 def test_sha256_stable_and_matches_sources() -> None:
-    for name in ("counterfact", "zsre"):
+    for name in ("counterfact", "counterfact_easyedit", "zsre"):
         ds = load_cases(name, size=1)
         assert ds.sha256 == BUNDLED_SHA256[name] == hashlib.sha256(Path(ds.path).read_bytes()).hexdigest()
         assert ds.source == ds.path == str(bundled_path(name))
@@ -414,3 +415,13 @@ def test_forced_schema(tmp_path: Path) -> None:
         load_cases("x", path=path, on_invalid="ignore")
     with pytest.raises(ValueError, match="target_field"):
         load_cases("x", path=path, target_field="pred")
+
+
+def test_full_schema_counterfact_is_the_bundled_default() -> None:
+    ds = load_cases("counterfact")
+    assert ds.schema == "rome" and ds.n_records == len(ds) == 500
+    case = ds.cases[0]
+    assert case.request.subject == "Danielle Darrieux" and case.request.target_new == "English"
+    assert len(case.probes["paraphrase"]) == 2 and len(case.probes["neighborhood"]) == 10
+    assert {p.target for p in case.probes["neighborhood"]} == {"French"}
+    assert len(case.generation_prompts) == 10 and case.meta["relation_id"] == "P103"
