@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from transformers import (
 from editors.requests import fill
 from editors.spec import ModelSpec
 from evaluation.cases import EditCase
+from runner.environment import training_environment
 from runner.tokenizers import atomic_dir, content_hash, load_or_train_tokenizer
 
 __all__ = [
@@ -145,6 +147,9 @@ class ToyTraining:
     cases: int | None = (
         None  # train on at least the first N dataset cases (null: the run's cases): runs of different dataset.size share one toy
     )
+    # torch threads while training: fixed (and deterministic algorithms on), so the weights do not
+    # depend on the machine's core count; part of the cache key
+    threads: int = 1
     progress: bool = True
 
 
@@ -301,6 +306,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _load_hub(cfg: ModelConfig) -> LoadedModel:
+    from runner.hub import check_hub_access, hub_error
+
     if not cfg.hub_id:
         raise ValueError(f"model {cfg.name!r}: source=hub needs model.hub_id")
     kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
@@ -308,10 +315,14 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
         kwargs["revision"] = cfg.revision
     if cfg.device_map:
         kwargs["device_map"] = cfg.device_map
-    model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.hub_id, **({"revision": cfg.revision} if cfg.revision else {})
-    )
+    check_hub_access(cfg.name, cfg.hub_id, cfg.revision)  # offline / unreachable / unknown: one line, now
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.hub_id, **({"revision": cfg.revision} if cfg.revision else {})
+        )
+    except OSError as exc:  # gated, connection lost, missing files (huggingface_hub errors are OSErrors)
+        raise hub_error(cfg.name, cfg.hub_id, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
@@ -562,9 +573,12 @@ def answer_space_facts(
 
 
 def _toy_key(cfg: ModelConfig, facts: list[ToyFact], seed: int) -> str:
+    """Everything the trained weights depend on: recipe, settings, seed, the facts, and the kernels
+    (library versions, device kind, CPU SIMD level: :func:`runner.environment.training_environment`)."""
     return content_hash(
         {
             "recipe": TOY_RECIPE,
+            "environment": training_environment(resolve_device(cfg.device)),
             "architecture": cfg.architecture,
             "sizes": asdict(cfg.sizes),
             "tokenizer": {
@@ -730,7 +744,35 @@ def toy_recall(
     return {"first_token": first / n, "exact": exact / n}
 
 
+@contextmanager
+def deterministic_training(threads: int):
+    """Run the enclosed training on ``threads`` torch threads with deterministic algorithms, then
+    restore both: the same data, settings and seed give the same weights whatever the machine's
+    core count or the run's ``threads`` (CPU kernels split reductions by thread count)."""
+    before_threads = torch.get_num_threads()
+    before_det = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_threads)
+        torch.use_deterministic_algorithms(before_det, warn_only=before_warn)
+
+
 def train_toy(
+    cfg: ModelConfig, facts: Sequence[ToyFact], *, extra: Sequence[ToyFact] = (), seed: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Train the toy (on ``cfg.train.threads`` threads, deterministically: see
+    :func:`deterministic_training`)."""
+    with deterministic_training(cfg.train.threads):
+        model, tokenizer, info = _train_toy(cfg, facts, extra=extra, seed=seed)
+    info["environment"] = training_environment(resolve_device(cfg.device)) | {"threads": cfg.train.threads}
+    return model, tokenizer, info
+
+
+def _train_toy(
     cfg: ModelConfig, facts: Sequence[ToyFact], *, extra: Sequence[ToyFact] = (), seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Train the toy on ``facts`` (and ``extra``: see :func:`answer_space_facts`).

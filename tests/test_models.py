@@ -169,6 +169,36 @@ def test_toy_training_is_deterministic(tmp_path: Path) -> None:
         assert torch.equal(x, y), n
 
 
+def test_toy_weights_do_not_depend_on_the_run_thread_count(tmp_path: Path) -> None:
+    """Training runs on model.train.threads with deterministic algorithms, whatever torch was set to."""
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for n, threads in enumerate((1, 2)):
+            torch.set_num_threads(threads)
+            loaded = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path / str(n), seed=0)
+            assert torch.get_num_threads() == threads  # restored after training
+            assert not torch.are_deterministic_algorithms_enabled()
+            weights.append(loaded.model.state_dict())
+            assert loaded.info["environment"]["threads"] == 1
+            assert loaded.info["environment"]["torch"] == torch.__version__.split("+")[0]
+    finally:
+        torch.set_num_threads(before)
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_toy_cache_key_holds_the_training_environment(tmp_path: Path, monkeypatch) -> None:
+    import runner.models as models
+
+    a = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path, seed=0)
+    monkeypatch.setattr(
+        models, "training_environment", lambda device: {"torch": "0.0", "device": "cpu", "cpu_capability": "X"}
+    )
+    b = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path, seed=0)
+    assert a.revision != b.revision and b.trained  # other kernels: another toy, not a stale one
+
+
 def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
     cfg = _small_toy()
     assert cfg.train.subject_lens_layer is not None and cfg.train.subject_bottleneck > 0
