@@ -3,8 +3,10 @@
 from editors.core.covariance import MissingStatisticsError
 from runner.datasets import DatasetError
 from runner.generation import ConsistencySetupError
+from runner.hub import ModelUnavailableError
 from runner.oom import OutOfMemory
 from runner.pipeline import ConfigError, run
+from runner.results import ResumeMismatch
 
 # Errors caused by the user's input (config, data, missing statistics): reported in one line.
 # OutOfMemory names the settings to turn.
@@ -12,9 +14,11 @@ USER_ERRORS = (
     DatasetError,
     MissingStatisticsError,
     ConfigError,
+    ResumeMismatch,
     ConsistencySetupError,
     FileNotFoundError,
+    ModelUnavailableError,
     OutOfMemory,
 )
 
-__all__ = ["run", "USER_ERRORS", "ConfigError"]
+__all__ = ["run", "USER_ERRORS", "ConfigError", "ResumeMismatch"]

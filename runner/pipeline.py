@@ -37,7 +37,7 @@ from runner.environment import run_environment
 from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
 from runner.oom import explain_oom
-from runner.results import ResultsStore
+from runner.results import ResultsStore, check_resume
 from runner.tracking import make_tracker
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.task == "edit":  # a resume must be the same run; refused before anything is loaded
+        check_resume(output_dir, OmegaConf.to_container(cfg, resolve=True))
     cache_dir = Path(cfg.paths.cache_dir)
     data_cache = Path(cfg.dataset.cache_dir) if cfg.dataset.get("cache_dir") else cache_dir / "datasets"
     dataset = load_from_config(cfg.dataset, cache_dir=data_cache)
@@ -201,7 +203,7 @@ def _edit_and_evaluate(
     output_dir: Path,
 ) -> dict:
     model, tok = loaded.model, loaded.tokenizer
-    store = ResultsStore(output_dir)
+    store = ResultsStore(output_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
     done = store.done_ids()
     if done:
         log.info(

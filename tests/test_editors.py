@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from editors.core.covariance import SecondMoments
 from editors.core.targets import TargetConfig, optimize_targets
 from editors.core.update import least_squares_update, rank_one_update, spread_divisor, to_weight_layout
 from editors.memit import Memit, MemitConfig
@@ -12,6 +15,7 @@ from editors.requests import EditRequest
 from editors.rome import Rome, RomeConfig
 from evaluation.cases import Probe
 from evaluation.scoring import score_probes
+from tests.conftest import make_corpus
 from tests.editing_fixtures import SPECS, model, tokenizer
 
 # The subject ends each prompt, so the edited position is the predicting one even in a random
@@ -60,11 +64,24 @@ def test_memit_reaches_its_targets_when_keys_match(edit_setup):
     assert min(delta.case_diagnostics["target_reached"]) > 0.95
 
 
-def test_statistics_are_cached_by_content(edit_setup):
-    _, _, _, stats = edit_setup
-    module = stats.path("x").parent  # the per-model folder
-    assert stats.computed or stats.loaded_from_cache
-    assert module.name.startswith("tiny-")
+def test_statistics_are_computed_once_then_loaded_by_content(edit_setup):
+    """A second SecondMoments on the same cache folder loads what the first computed, bit-equal;
+    a setting that changes the statistics names another file."""
+    arch, tok, net, stats = edit_setup
+    module = SPECS[arch].mlp_out_name(1)
+    first = stats.get(module)
+    assert module in stats.computed and module not in stats.loaded_from_cache  # a fresh cache folder
+    again = SecondMoments(net, tok, stats.model_id, stats.cfg, make_corpus, stats.cache_dir, progress=False)
+    assert torch.equal(again.get(module), first)
+    assert again.loaded_from_cache == [module] and again.computed == []
+    other = SecondMoments(
+        net, tok, stats.model_id, replace(stats.cfg, n_samples=100), make_corpus, stats.cache_dir
+    )
+    faster = SecondMoments(
+        net, tok, stats.model_id, replace(stats.cfg, batch_tokens=512), make_corpus, stats.cache_dir
+    )
+    assert other.path(module) != stats.path(module) and faster.path(module) == stats.path(module)
+    assert stats.path(module).parent.name.startswith("tiny-")  # the per-model folder
 
 
 def test_batched_targets_equal_one_at_a_time(edit_setup):

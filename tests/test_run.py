@@ -71,7 +71,32 @@ def test_interrupted_run_resumes_the_missing_cases(tmp_path):
     assert sorted(json.loads(x)["case_id"] for x in after) == sorted(json.loads(x)["case_id"] for x in lines)
 
 
-def test_sequential_mode_evaluated_at_the_end(tmp_path):
+def test_sequential_mode_keeps_earlier_edits_and_evaluates_at_the_end(tmp_path, monkeypatch):
+    """Batch 1 is edited on the model that holds batch 0's edit, and the end-of-run evaluation sees
+    both: the model's weights are recorded at each edit and each scoring call."""
+    import torch
+
+    from editors.memit import Memit
+    from runner import pipeline
+
+    edits, scored = [], []
+    memit_apply, score = Memit.apply, pipeline.score_cases
+
+    def weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def recording_apply(self, model, tokenizer, requests):
+        before = weights(model)
+        delta = memit_apply(self, model, tokenizer, requests)
+        edits.append((before, delta))
+        return delta
+
+    def recording_score(model, tokenizer, cases, **kwargs):
+        scored.append((len(cases), weights(model)))
+        return score(model, tokenizer, cases, **kwargs)
+
+    monkeypatch.setattr(Memit, "apply", recording_apply)
+    monkeypatch.setattr(pipeline, "score_cases", recording_score)
     summary = run(
         _cfg(
             tmp_path,
@@ -84,6 +109,22 @@ def test_sequential_mode_evaluated_at_the_end(tmp_path):
     )
     assert summary["n_cases"] == 4
     assert summary["protocol"]["edit_mode"] == "sequential" and summary["protocol"]["eval_timing"] == "at_end"
+
+    def plus(state, delta):  # state with delta added as WeightDelta.apply adds it
+        out = {n: t.clone() for n, t in state.items()}
+        for name, d in delta.deltas.items():
+            out[name].add_(d.to(dtype=out[name].dtype))
+        return out
+
+    def same(a, b):
+        return all(torch.equal(a[n], b[n]) for n in a)
+
+    (original, first), (at_second, second) = edits
+    assert first.deltas and any(d.abs().sum() > 0 for d in first.deltas.values())
+    assert not same(at_second, original) and same(at_second, plus(original, first))
+    [(n_pre, pre_weights), (n_post, post_weights)] = scored
+    assert (n_pre, n_post) == (4, 4) and same(pre_weights, original)
+    assert same(post_weights, plus(plus(original, first), second))
 
 
 def test_zsre_and_rome_schema_files(tmp_path):
