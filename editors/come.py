@@ -11,6 +11,12 @@ CoME changes only how each request's target vector is built, on top of MEMIT or 
 
 Keys, covariance, residual spreading and the solve are the base method's. Defaults follow the
 released code (ekgus9/COME); each deviation from the paper is a switch below.
+
+Adam steps, as released (v_num_grad_steps = S). δ takes S − 1: its loop runs S iterations and
+breaks before stepping at the last one (the MEMIT/PMET loop). δ′ runs int(ratio × S) iterations,
+but the released loops test that same break, ``it == S − 1``, so δ′ takes
+min(int(ratio × S), S − 1) steps: COME_MEMIT 12 for S = 25 (range(12) never reaches it = 24, so
+every iteration steps); COME_PMET 29 for S = 30, like δ.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ class ComeSettings:
     subtract_unlearning: bool = True  # ablation switch: the −α·δ′ term
     add_common: bool = True  # ablation switch: the +w·δ″ term
     old_target_space: bool = False  # prepend a space to the old object; the released code does not
-    unlearn_step_ratio: float = 1.0  # δ′ iterations = int(ratio × the base method's iterations)
+    # δ′ iterations = int(ratio × the base method's iterations); its Adam steps are capped by the
+    # base loop's break (module docstring): COME_MEMIT 0.5 → 12 of 25, COME_PMET 1.0 → 29 of 30
+    unlearn_step_ratio: float = 1.0
     unlearn_norm: str = "new"  # δ′ NLL divided by the length of: new (released code) | old object
 
 
@@ -128,12 +136,15 @@ class ComeMixin:
         settings = self.config
         _check(settings)
         site = self.optimized_sites()[0]
-        # A. the unlearning vector δ′, toward the old object (EOS where there is none, as for zsRE).
+        # A. the unlearning vector δ′, toward the old object (EOS where there is none, as for zsRE:
+        # the released loader's "<|endoftext|>", never preceded by a space).
         space = " " if settings.old_target_space else ""
-        old = [
-            space + (r.target_true if r.target_true is not None else tokenizer.eos_token) for r in requests
-        ]
-        steps = max(int(self.config.target.steps * settings.unlearn_step_ratio), 1)
+        old = [tokenizer.eos_token if r.target_true is None else space + r.target_true for r in requests]
+        base = self.config.target
+        iterations = max(int(base.steps * settings.unlearn_step_ratio), 1)
+        # The released δ′ loop keeps the base loop's break test (`it == v_num_grad_steps − 1`), so it
+        # steps at every one of its iterations unless it runs as many as the base loop.
+        base_updates = base.steps - 1 if base.updates is None else base.updates
         lengths = None
         if settings.unlearn_norm == "new":
             lengths = [len(answer_ids(tokenizer, a)) for a in new_answers(requests)]
@@ -141,7 +152,7 @@ class ComeMixin:
             model,
             tokenizer,
             requests,
-            cfg=replace(self.config.target, steps=steps),
+            cfg=replace(base, steps=iterations, updates=min(iterations, base_updates)),
             answers=old,
             norm_lengths=lengths,
         )
@@ -149,13 +160,14 @@ class ComeMixin:
         targets = self.optimize(model, tokenizer, requests)
         # C. combine.
         z, diagnostics = combine(targets.init[site], targets.delta[site], unlearn.delta[site], settings)
+        diagnostics["come_unlearn_steps"] = unlearn.steps.float().tolist()
         return z, targets, diagnostics
 
 
 @dataclass
 class ComeMemitConfig(MemitConfig, ComeSettings):
     _target_: str = "editors.come.ComeMemit"
-    unlearn_step_ratio: float = 0.5  # COME_MEMIT: int(v_num_grad_steps / 2) = 12 iterations
+    unlearn_step_ratio: float = 0.5  # COME_MEMIT: int(25 / 2) = 12 iterations, 12 Adam steps (δ: 24)
 
 
 class ComeMemit(ComeMixin, Memit):
@@ -167,7 +179,7 @@ class ComePmetConfig(PmetConfig, ComeSettings):
     _target_: str = "editors.come.ComePmet"
     update_weight: float = 4500.0  # λ in the released COME_PMET GPT-J file (PMET's CounterFact value is 6000)
     target: TargetConfig = field(default_factory=_pmet_target)
-    unlearn_step_ratio: float = 1.0  # COME_PMET: the full 30 iterations, with PMET's stop rules
+    unlearn_step_ratio: float = 1.0  # COME_PMET: the full 30 iterations, 29 Adam steps, PMET's stop rules
 
 
 class ComePmet(ComeMixin, Pmet):

@@ -5,7 +5,9 @@ Differences from MEMIT, all in configuration or in :meth:`optimized_sites`:
   jointly (one Adam, each clamped to its own initial norm); only z_m = h_m + δ_m is used, and only
   MLP weights are written;
 - the residual is spread by 1/sqrt(L − i) instead of 1/(L − i);
-- kl_factor 1, lr 0.2, 30 iterations, and the adaptive NLL weight with its stop rule.
+- kl_factor 1, lr 0.2, 30 iterations (at most 29 Adam steps), and the adaptive NLL weight with its
+  stop rule: once every answer token is the argmax, the NLL weighs 0.1× and the loop stops if
+  kl_factor · KL ≤ 0.01 (``TargetConfig.adaptive_nll``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from editors.come import (
     common_component,
     top_p_mask,
 )
-from editors.core.targets import TargetCache, TargetConfig
+from editors.core.targets import TargetCache, TargetConfig, cache_settings, optimize_targets
 from editors.memit import Memit, MemitConfig
 from editors.pmet import Pmet, PmetConfig
 from tests.editing_fixtures import SPECS
@@ -156,3 +156,105 @@ def test_target_cache_serves_an_alpha_sweep_without_reoptimising(edit_setup, tmp
     cache.state = "after-some-sequential-edits"
     third.apply(net, tok, REQUESTS)
     assert cache.misses == 4 * len(REQUESTS)  # the edit history is part of the key
+
+
+def _adam_steps_per_optimiser(monkeypatch) -> list:
+    """Patch Adam.step to record its optimiser at each call; the returned list holds them in order
+    (strong references, so two optimisers never share an id)."""
+    calls = []
+    step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    return calls
+
+
+def _runs(calls) -> list[int]:
+    """Consecutive calls of one optimiser, counted: [steps of the 1st optimiser, of the 2nd, ...]."""
+    runs: list[int] = []
+    for i, opt in enumerate(calls):
+        if i and opt is calls[i - 1]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "base, steps, expected",
+    [
+        # ekgus9/COME come_memit/compute_z.py: δ′ runs range(int(25 / 2)) = 12 iterations and its
+        # break tests `it == v_num_grad_steps - 1` = 24, never reached: 12 Adam steps. δ: range(25)
+        # with the same break, taken at it = 24 before stepping: 24 steps.
+        ("memit", 25, [12, 24]),
+        # come_pmet/compute_zs.py: both loops run range(30) and break at it = 29: 29 steps each.
+        ("pmet", 30, [29, 29]),
+    ],
+)
+def test_unlearning_and_editing_vectors_take_the_released_number_of_adam_steps(
+    edit_setup, monkeypatch, base, steps, expected
+):
+    arch, tok, net, stats = edit_setup
+    # early stopping cannot fire: the loss is positive (its NLL is), and the KL rule needs every
+    # answer token to be the argmax, which these multi-token answers never get on a random model
+    never = dict(steps=steps, loss_stop=0.0, kl_stop=0.0)
+    if base == "memit":
+        editor = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(**never)), SPECS[arch], stats)
+    else:
+        target = TargetConfig(lr=0.2, kl_factor=1.0, adaptive_nll=True, **never)
+        editor = ComePmet(ComePmetConfig(**BASE, target=target), SPECS[arch], stats)
+    calls = _adam_steps_per_optimiser(monkeypatch)
+    _, targets, diagnostics = editor.compute_targets(net, tok, REQUESTS)
+    assert _runs(calls) == expected  # one optimiser for δ′, then one for δ (one batch each)
+    assert diagnostics["come_unlearn_steps"] == [float(expected[0])] * len(REQUESTS)
+    assert targets.steps.tolist() == [expected[1]] * len(REQUESTS)
+
+
+def test_pmet_kl_stop_reads_the_weighted_kl_term(edit_setup):
+    # xpq-tech/PMET pmet/compute_zs.py (and COME's copy) stop once every answer token is the argmax
+    # and `kl_loss <= 0.01`, kl_loss being kl_factor · KL. With kl_factor 1e-6 that term is always
+    # small, so the rule must stop each request exactly where "stop once solved" (kl_stop = inf) does.
+    arch, tok, net, _ = edit_setup
+    # one-token answers, predicted at the edited position: the tiny model can make them the argmax
+    requests = [replace(r, target_new=t) for r, t in zip(REQUESTS, ["the", "of", "in"])]
+    sites = [SPECS[arch].mlp_out_name(2), SPECS[arch].attn_out_name(2)]
+    cfg = TargetConfig(steps=12, lr=0.5, kl_factor=1e-6, adaptive_nll=True, loss_stop=0.0)
+    weighted = optimize_targets(net, tok, requests, sites, [["{}"]], cfg)
+    solved = optimize_targets(net, tok, requests, sites, [["{}"]], replace(cfg, kl_stop=math.inf))
+    assert bool((solved.steps < cfg.steps - 1).all())  # the rule fires for every request
+    assert weighted.steps.tolist() == solved.steps.tolist()
+    # xpq-tech/BLUE's PMET reads the KL itself (`kl_loss / kl_factor < 0.01`): here it never stops
+    unweighted = optimize_targets(net, tok, requests, sites, [["{}"]], replace(cfg, kl_stop_weighted=False))
+    assert bool((unweighted.steps > solved.steps).all())
+
+
+def test_cache_keys_change_only_where_the_new_target_settings_change_the_result():
+    memit, pmet = TargetConfig(), TargetConfig(steps=30, lr=0.2, kl_factor=1.0, adaptive_nll=True)
+    earlier = {k: v for k, v in asdict(memit).items() if k not in ("batch_size", "reuse_prefix")}
+    del earlier["updates"], earlier["kl_stop_weighted"]
+    assert cache_settings(memit) == earlier  # the keys written before these fields existed
+    assert "kl_stop_weighted" not in cache_settings(pmet)  # kl_factor 1: either rule, same result
+    llama = replace(pmet, kl_factor=0.0625)  # PMET on LLaMA-3 (BLUE's values)
+    assert cache_settings(llama) != cache_settings(replace(llama, kl_stop_weighted=False))
+    assert cache_settings(replace(memit, updates=12)) != cache_settings(memit)
+
+
+def test_old_target_space_never_precedes_the_eos_stand_in(edit_setup, monkeypatch):
+    arch, tok, net, stats = edit_setup
+    requests = [REQUESTS[0], replace(REQUESTS[1], target_true=None)]  # the second as in zsRE
+    editor = ComeMemit(
+        ComeMemitConfig(**BASE, target=TargetConfig(steps=2), old_target_space=True), SPECS[arch], stats
+    )
+    seen = []
+    optimize = editor.optimize
+
+    def recording(*args, **options):
+        seen.append(options.get("answers"))
+        return optimize(*args, **options)
+
+    monkeypatch.setattr(editor, "optimize", recording)
+    editor.compute_targets(net, tok, requests)
+    assert seen[0] == [" " + REQUESTS[0].target_true, tok.eos_token]  # δ′'s answers

@@ -48,7 +48,10 @@ SPEED_ONLY = ("batch_size", "reuse_prefix")
 class TargetConfig:
     """Hyperparameters of the target-vector optimisation (reference names in comments)."""
 
-    steps: int = 25  # v_num_grad_steps: iterations; at most steps-1 Adam steps are taken
+    steps: int = 25  # v_num_grad_steps: iterations (loss evaluations)
+    # Adam steps at most; null: steps − 1 (the reference loops break before stepping at their last
+    # iteration). At most ``steps``; iteration ``updates`` only evaluates the loss.
+    updates: int | None = None
     lr: float = 0.5  # v_lr: Adam learning rate
     kl_factor: float = 0.0625  # kl_factor: weight of the KL term on "{subject} is a"
     weight_decay: float = 0.5  # v_weight_decay: weight of ‖δ‖/‖h‖² (numerator not squared)
@@ -56,7 +59,10 @@ class TargetConfig:
     loss_stop: float = 0.05  # stop a request once its loss is below this
     nll_weight: float = 1.0  # nll_loss_factor (PMET): weight of the NLL term
     adaptive_nll: bool = False  # PMET: once every answer token is the argmax, weigh the NLL 0.1× next step
-    kl_stop: float = 0.01  # PMET: ...and stop when the (unweighted) KL is at most this
+    kl_stop: float = 0.01  # PMET: ...and stop when the KL (see kl_stop_weighted) is at most this
+    # the KL that rule reads: kl_factor · KL (xpq-tech/PMET and ekgus9/COME: `kl_loss <= 0.01`) |
+    # false: KL itself (xpq-tech/BLUE's PMET: `kl_loss / kl_factor < 0.01`); equal for kl_factor 1
+    kl_stop_weighted: bool = True
     batch_size: int = 32  # requests optimised together in one forward pass per step (not in cache keys)
     reuse_prefix: bool = True  # run what precedes the subject once, not every step (not in cache keys)
 
@@ -245,6 +251,7 @@ def _optimize_batch(
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
+    updates = cfg.steps - 1 if cfg.updates is None else min(cfg.updates, cfg.steps)
     try:
         for it in range(cfg.steps):
             # The rows of the requests still being optimised, in groups of similar length.
@@ -274,7 +281,8 @@ def _optimize_batch(
             if cfg.adaptive_nll:
                 # PMET: "prob == maxprob", i.e. every answer token of every prompt is the argmax.
                 solved = evaluated & (n_wrong == 0)
-                active &= ~(solved & (kl_raw.detach() <= cfg.kl_stop))
+                kl_read = kl if cfg.kl_stop_weighted else kl_raw
+                active &= ~(solved & (kl_read.detach() <= cfg.kl_stop))
                 nll_weight = torch.where(
                     evaluated,
                     torch.where(solved, 0.1 * cfg.nll_weight, cfg.nll_weight),
@@ -283,7 +291,7 @@ def _optimize_batch(
             active &= loss.detach() >= cfg.loss_stop
             last_loss = torch.where(evaluated, loss.detach(), last_loss)
             last_nll = torch.where(evaluated, nll.detach(), last_nll)
-            if it == cfg.steps - 1 or not bool(active.any()):
+            if it == updates or not bool(active.any()):  # no Adam step after iteration `updates`
                 break
             frozen = {s: d.detach().clone() for s, d in deltas.items()}
             optimizer.zero_grad()
@@ -346,6 +354,20 @@ class TargetCache:
         tmp.replace(path)
 
 
+def cache_settings(cfg: TargetConfig) -> dict:
+    """The settings that go into a cache key: every field but the speed-only ones, and the fields
+    added after cache files were written only where they change the result from the earlier
+    behaviour (so the earlier files stay valid, and are not reused where they no longer apply):
+    ``updates`` unless null; ``kl_stop_weighted`` (earlier: the unweighted KL) only when the
+    adaptive stop rule runs with a kl_factor other than 1."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+    if settings["updates"] is None:
+        del settings["updates"]
+    if not (cfg.kl_stop_weighted and cfg.adaptive_nll and cfg.kl_factor != 1):
+        del settings["kl_stop_weighted"]
+    return settings
+
+
 def cached_targets(
     cache: TargetCache | None,
     model: torch.nn.Module,
@@ -365,7 +387,7 @@ def cached_targets(
         return optimize_targets(
             model, tokenizer, requests, sites, context_groups, cfg, answers, progress, norm_lengths
         )
-    settings = {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+    settings = cache_settings(cfg)
     keys = [
         cache.key(
             {
