@@ -30,7 +30,14 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-TOY = ["model=toy", "model.train.steps=120", "model.train.eval_every=1000", "dataset.size=6", "batch_size=3"]
+TOY = [
+    "model=toy",
+    "model.train.steps=120",
+    "model.train.eval_every=1000",
+    "model.train.cases=null",  # a toy of the run's 6 cases only (the default shares a larger one)
+    "dataset.size=6",
+    "batch_size=3",
+]
 
 
 def test_toy_run_writes_results_summary_and_resumes(tmp_path):
@@ -222,7 +229,8 @@ def test_missing_statistics_fail_clearly_and_task_stats_computes_them(tmp_path):
 
 
 def test_generation_metrics_land_in_results_and_summary(tmp_path):
-    summary = run(_cfg(tmp_path, *TOY, "eval.generation.max_length=40"))
+    # the EasyEdit-schema sample has no generation prompts: its rewrite + paraphrase prompts stand in
+    summary = run(_cfg(tmp_path, *TOY, "dataset=counterfact_easyedit", "eval.generation.max_length=40"))
     records = _lines(tmp_path / "out" / "results.jsonl")
     assert all(len(r["post_generations"]) == 2 for r in records)  # rewrite + paraphrase prompt
     assert all(r["post_fluency"] > 0 for r in records) and "pre_fluency" not in records[0]
@@ -231,7 +239,7 @@ def test_generation_metrics_land_in_results_and_summary(tmp_path):
     assert gen["enabled"] and gen["consistency_source"] == "dataset" and not gen["comparable_with_papers"]
     assert gen["prompt_sources"] == {"rewrite+paraphrase prompts": 6}
     assert summary["protocol"]["method"]
-    fast = run(_cfg(tmp_path / "fast", *TOY, "eval=fast"))
+    fast = run(_cfg(tmp_path / "fast", *TOY, "dataset=counterfact_easyedit", "eval=fast"))
     assert "fluency" not in fast and fast["protocol"]["generation"] == {"enabled": False}
 
 
