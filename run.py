@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from runner import USER_ERRORS, run
 from runner.schema import register
+from runner.validate import optimized_value
 
 register()
 log = logging.getLogger("run")
@@ -27,8 +28,12 @@ def main(cfg: DictConfig) -> float | None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None  # the sweep's other jobs carry on; this job has no summary.json
         sys.exit(2)
-    value = summary.get(cfg.optimized_metric)
-    return float(value) if value is not None else None
+    if cfg.task != "edit":
+        return None
+    value = optimized_value(summary, cfg.optimized_metric)  # the name was checked at the start
+    if value is None:
+        log.warning("optimized_metric=%s: this run's summary has no value for it", cfg.optimized_metric)
+    return value
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors.checks import non_negative
 from editors.core.targets import TargetConfig, Targets, new_answers
 from editors.core.tokens import answer_ids
 from editors.memit import Memit, MemitConfig
@@ -54,6 +55,11 @@ class ComeSettings:
     # base loop's break (module docstring): COME_MEMIT 0.5 → 12 of 25, COME_PMET 1.0 → 29 of 30
     unlearn_step_ratio: float = 1.0
     unlearn_norm: str = "new"  # δ′ NLL divided by the length of: new (released code) | old object
+
+    def __post_init__(self) -> None:
+        _check(self)
+        non_negative("editor.unlearn_weight", self.unlearn_weight)
+        non_negative("editor.unlearn_step_ratio", self.unlearn_step_ratio)
 
 
 def _check(settings: ComeSettings) -> None:
@@ -169,6 +175,10 @@ class ComeMemitConfig(MemitConfig, ComeSettings):
     _target_: str = "editors.come.ComeMemit"
     unlearn_step_ratio: float = 0.5  # COME_MEMIT: int(25 / 2) = 12 iterations, 12 Adam steps (δ: 24)
 
+    def __post_init__(self) -> None:
+        MemitConfig.__post_init__(self)
+        ComeSettings.__post_init__(self)
+
 
 class ComeMemit(ComeMixin, Memit):
     config: ComeMemitConfig
@@ -180,6 +190,10 @@ class ComePmetConfig(PmetConfig, ComeSettings):
     update_weight: float = 4500.0  # λ in the released COME_PMET GPT-J file (PMET's CounterFact value is 6000)
     target: TargetConfig = field(default_factory=_pmet_target)
     unlearn_step_ratio: float = 1.0  # COME_PMET: the full 30 iterations, 29 Adam steps, PMET's stop rules
+
+    def __post_init__(self) -> None:
+        PmetConfig.__post_init__(self)
+        ComeSettings.__post_init__(self)
 
 
 class ComePmet(ComeMixin, Pmet):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors import checks
 from editors.core.covariance import SecondMoments
 from editors.core.targets import TargetCache
 from editors.core.tokens import Encoded, answer_ids, encode, model_device
@@ -66,6 +67,19 @@ class FineTuneConfig:
     norm_constraint: float | None = None  # ε of the L∞ clamp around the original weights (FT-L); null: none
     loss_floor: float = 0.01  # no step below this batch loss; stop when an epoch's mean is below it
 
+    def __post_init__(self) -> None:
+        checks.layer_list("editor.layers", self.layers)
+        checks.one_of("editor.module", self.module, MODULES)
+        checks.one_of("editor.objective", self.objective, OBJECTIVES)
+        checks.non_negative("editor.num_steps", self.num_steps)
+        checks.positive("editor.lr", self.lr)
+        checks.at_least_one("editor.batch_size", self.batch_size)
+        checks.non_negative("editor.weight_decay", self.weight_decay)
+        if self.wd_power_law is not None and len(self.wd_power_law) != 2:
+            checks.fail("editor.wd_power_law", "[a, b] or null", list(self.wd_power_law))
+        checks.positive("editor.norm_constraint", self.norm_constraint, optional=True)
+        checks.non_negative("editor.loss_floor", self.loss_floor)
+
 
 @dataclass
 class FLearningConfig(FineTuneConfig):
@@ -73,6 +87,13 @@ class FLearningConfig(FineTuneConfig):
     forget_weight: float = 1.0  # λ: θ′ = θ − λ·Δ_old (unverified default; sweep it)
     forget_num_steps: int | None = None  # null: num_steps
     forget_lr: float | None = None  # null: lr
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.non_negative("editor.forget_weight", self.forget_weight)
+        if self.forget_num_steps is not None:
+            checks.non_negative("editor.forget_num_steps", self.forget_num_steps)
+        checks.positive("editor.forget_lr", self.forget_lr, optional=True)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors import checks
 from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
 from editors.core.targets import TargetCache, TargetConfig, Targets, cached_targets
@@ -42,6 +43,16 @@ class MemitConfig:
     key_averaging: str = "grouped"  # keys: mean of per-template-group means (MEMIT) | uniform
     seed: int = 0  # seeds context-template sampling (the reference does not seed it)
     read_batch_size: int = 64  # prompts per forward pass when reading keys and values
+
+    def __post_init__(self) -> None:
+        checks.layer_list("editor.layers", self.layers)
+        checks.positive("editor.update_weight", self.update_weight)
+        checks.target("editor.target", self.target)
+        checks.one_of("editor.target_site", self.target_site, checks.TARGET_SITES)
+        checks.one_of("editor.residual_spread", self.residual_spread, checks.RESIDUAL_SPREADS)
+        checks.context_templates("editor.context_templates", self.context_templates)
+        checks.one_of("editor.key_averaging", self.key_averaging, checks.KEY_AVERAGING)
+        checks.at_least_one("editor.read_batch_size", self.read_batch_size)
 
 
 class Memit(LocateThenEdit):

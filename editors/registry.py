@@ -7,7 +7,8 @@ from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
 from editors.unedited import UneditedConfig
 
-# Each editor's typed config, by the name its conf/editor/<name>.yaml uses as `defaults: [<name>_schema]`.
+# Each editor's typed config, by the name its conf/editor/<name>.yaml uses as
+# `defaults: [/schema/editor@_here_: <name>]` (ConfigStore group schema/editor, never an editor option).
 # A new editor adds its config here and a YAML file; the runner never names a method.
 CONFIG_SCHEMAS = {
     "rome": RomeConfig,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors import checks
 from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
 from editors.core.targets import TargetCache, TargetConfig, optimize_targets
@@ -41,6 +42,14 @@ class RomeConfig:
     key_averaging: str = "uniform"  # k*: plain mean over "{}" and the sampled templates
     seed: int = 0
     read_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            checks.fail("editor.layer", "a layer index ≥ 0", self.layer)
+        checks.target("editor.target", self.target)
+        checks.context_templates("editor.context_templates", self.context_templates)
+        checks.one_of("editor.key_averaging", self.key_averaging, checks.KEY_AVERAGING)
+        checks.at_least_one("editor.read_batch_size", self.read_batch_size)
 
 
 class Rome(LocateThenEdit):

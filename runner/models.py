@@ -322,7 +322,11 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
             cfg.hub_id, **({"revision": cfg.revision} if cfg.revision else {})
         )
     except OSError as exc:  # gated, connection lost, missing files (huggingface_hub errors are OSErrors)
-        raise hub_error(cfg.name, cfg.hub_id, exc) from None
+        raise hub_error(cfg.name, cfg.hub_id, exc) from exc
+    except ValueError as exc:  # a local folder without a checkpoint: "Unrecognized model in ..."
+        if not Path(cfg.hub_id).expanduser().is_dir():
+            raise
+        raise hub_error(cfg.name, cfg.hub_id, exc) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

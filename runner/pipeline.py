@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 from editors.core.covariance import SecondMoments, StatsConfig
@@ -38,7 +39,9 @@ from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
 from runner.oom import explain_oom
 from runner.results import ResultsStore, check_resume
+from runner.schema import check_known_keys
 from runner.tracking import make_tracker
+from runner.validate import check_optimized_metric, check_prompt_lengths, context_length
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,19 @@ def sweep_group() -> str | None:
     return Path(HydraConfig.get().sweep.dir).name
 
 
+#: Config groups built as their typed schema at the start of a run: their range checks
+#: (``__post_init__``) run before anything is loaded.
+TYPED_GROUPS = ("model", "editor", "dataset", "eval", "stats", "logger")
+
+
 def check_config(cfg: DictConfig) -> None:
+    try:
+        check_known_keys(cfg)  # `+editor.typo=1` is added by Hydra even to a typed node
+        for group in TYPED_GROUPS:
+            if group in cfg:
+                OmegaConf.to_object(cfg[group])
+    except (ValueError, OmegaConfBaseException) as exc:
+        raise ConfigError(_one_line(exc)) from None
     if cfg.edit_mode not in EDIT_MODES:
         raise ConfigError(f"edit_mode must be one of {EDIT_MODES}, got {cfg.edit_mode!r}")
     if cfg.eval.timing not in EVAL_TIMINGS:
@@ -129,6 +144,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
     if cfg.task not in ("edit", "stats"):
         raise ConfigError(f"task must be 'edit' or 'stats', got {cfg.task!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An OmegaConf error's first line with the key it names; other errors' text on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    if isinstance(exc, OmegaConfBaseException) and key and key not in text:
+        text = f"{key}: {text}"
+    return text if isinstance(exc, OmegaConfBaseException) else " ".join(lines)
+
+
+def _context_reserve(editor_cfg: DictConfig) -> int:
+    """Positions an editor's context prefixes take before an edit prompt (their max_len + '. ')."""
+    templates = editor_cfg.get("context_templates") or []
+    lengths = [int(max_len) for max_len, count in templates if count]
+    return max(lengths) + 2 if lengths else 0
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -150,11 +182,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dataset.source,
         dataset.n_skipped,
     )
+    if cfg.task == "edit":  # the dataset's extra probe sets are metrics too
+        try:
+            check_optimized_metric(cfg.optimized_metric, dataset.cases)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     with explain_oom("load", cfg):
         loaded = load_model(
             cfg.model, cases=_training_cases(cfg, dataset, data_cache), cache_dir=cache_dir, seed=cfg.seed
         )
     log.info("model %s (revision %s) on %s", loaded.model_id, loaded.revision, loaded.device)
+    if cfg.task == "edit":  # before statistics and edits: a too-long probe fails in one line
+        generation = cfg.eval.generation.enabled and cfg.dataset.get("generation_metrics", True)
+        check_prompt_lengths(
+            dataset.cases,
+            loaded.tokenizer,
+            context_length(loaded.model),
+            reserve=_context_reserve(cfg.editor),
+            generation_max_length=cfg.eval.generation.max_length if generation else None,
+            limit_name="model.sizes.max_positions" if cfg.model.source != "hub" else "the model's context",
+        )
     stats = build_stats(cfg, loaded)
     cache = (
         TargetCache(cache_dir / "targets", f"{loaded.model_id}@{loaded.revision}")

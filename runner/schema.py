@@ -1,16 +1,24 @@
 """Structured-config schemas: a typo or a wrong type fails at compose time, naming the key.
 
-Each group's YAML starts with ``defaults: [<group>_schema, _self_]`` (or the editor's own schema),
-so values typed in the YAML files and on the command line are both checked.
+Each group's YAML starts with ``defaults: [/schema@_here_: <group>, _self_]`` (an editor's with
+``/schema/editor@_here_: <editor>``), so values typed in the YAML files and on the command line are
+both checked. The schemas live in their own ``schema`` group, so Hydra never lists them among a
+group's options and ``editor=memit_schema`` is not a choice.
+
+Hydra's ``+key=value`` adds a key even to a typed (struct) node, on purpose; :func:`check_known_keys`
+refuses such keys where a schema defines the node, naming the key and its closest field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from editors.core.covariance import StatsConfig
 from editors.registry import CONFIG_SCHEMAS
@@ -62,19 +70,55 @@ class RunConfig:
     logger: Any = MISSING
 
 
+#: (ConfigStore group, name) -> schema. A group YAML names its schema as ``/<group>@_here_: <name>``.
 SCHEMAS = {
-    ("model", "model_schema"): ModelConfig,
-    **{("editor", f"{name}_schema"): node for name, node in CONFIG_SCHEMAS.items()},
-    ("dataset", "dataset_schema"): DatasetConfig,
-    ("eval", "eval_schema"): EvalConfig,
-    ("stats", "stats_schema"): StatsConfig,
-    ("logger", "logger_schema"): LoggerConfig,
+    ("schema", "model"): ModelConfig,
+    **{("schema/editor", name): node for name, node in CONFIG_SCHEMAS.items()},
+    ("schema", "dataset"): DatasetConfig,
+    ("schema", "eval"): EvalConfig,
+    ("schema", "stats"): StatsConfig,
+    ("schema", "logger"): LoggerConfig,
 }
 
 
 def register() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="schema", name="run", node=RunConfig)
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+
+
+class UnknownKeyError(ValueError):
+    """A key that is not a field of its node's schema (one line, naming it)."""
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Raise :class:`UnknownKeyError` for a key that no schema defines (added with ``+key=value``,
+    which Hydra allows on typed nodes), naming it and the closest field."""
+    unknown = list(_unknown_keys(cfg, ""))
+    if not unknown:
+        return
+    key, known = unknown[0]
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    others = [k for k, _ in unknown[1:]]
+    more = f" (also unknown: {', '.join(others)})" if others else ""
+    raise UnknownKeyError(f"unknown config key {key}{hint}{more}")
+
+
+def _unknown_keys(node: DictConfig, prefix: str) -> Iterator[tuple[str, list[str]]]:
+    """(full key, the schema's fields) for each key of ``node`` and below outside its schema."""
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if not prefix and key == "hydra":  # Hydra's own node (compose(..., return_hydra_config=True))
+            continue
+        if known is not None and key not in known:
+            yield name, known
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from _unknown_keys(child, f"{name}.")
