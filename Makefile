@@ -2,7 +2,7 @@
 PY ?= python
 ARGS ?=
 
-.PHONY: help install lock test test-slow presets-tiny table bench lint format demo cfg stats clean
+.PHONY: help install lock readme-numbers test test-slow presets-tiny table bench lint format demo cfg stats clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ presets-tiny:  ## every experiment preset (Table 1, Table 2, scaling) on the toy
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)
+
+readme-numbers:  ## rerun every command whose numbers the README shows and rewrite its tables (about an hour on 2 cores): ARGS="--only default,sizes"
+	$(PY) -m tools.readme_numbers $(ARGS)
 
 bench:  ## speed and memory, batched vs one case at a time (toy, CPU): make bench ARGS="--cases 64 --batch 32"
 	$(PY) -m bench $(ARGS)

@@ -44,6 +44,7 @@ from editors.spec import ModelSpec
 from evaluation.cases import EditCase
 from runner.environment import training_environment
 from runner.tokenizers import atomic_dir, content_hash, load_or_train_tokenizer
+from runner.validate import check_prompt_lengths
 
 __all__ = [
     "TOY_RECIPE",
@@ -605,7 +606,12 @@ def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, s
     path = cache_dir / "toy" / f"{cfg.name}-{key}"
     trained = False
     if not (path / "toy_info.json").exists():
-        model, tokenizer, info = train_toy(cfg, facts, extra=extra, seed=toy_seed)
+        tokenizer = toy_tokenizer(cfg, facts + extra)
+        # a probe longer than the toy's context fails here, in one line, not after training
+        check_prompt_lengths(
+            cases, tokenizer, cfg.sizes.max_positions, limit_name="model.sizes.max_positions"
+        )
+        model, tokenizer, info = train_toy(cfg, facts, extra=extra, seed=toy_seed, tokenizer=tokenizer)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -765,19 +771,43 @@ def deterministic_training(threads: int):
         torch.use_deterministic_algorithms(before_det, warn_only=before_warn)
 
 
+def toy_tokenizer(cfg: ModelConfig, facts: Sequence[ToyFact]) -> PreTrainedTokenizerBase:
+    """The toy's byte-level BPE tokenizer, trained on its training sentences."""
+    from runner.tokenizers import train_bpe
+
+    _tokenizer_style(cfg)
+    return train_bpe(
+        [f.text for f in facts],
+        vocab_size=cfg.tokenizer.vocab_size,
+        style=cfg.architecture,
+        min_frequency=cfg.tokenizer.min_frequency,
+    )
+
+
 def train_toy(
-    cfg: ModelConfig, facts: Sequence[ToyFact], *, extra: Sequence[ToyFact] = (), seed: int
+    cfg: ModelConfig,
+    facts: Sequence[ToyFact],
+    *,
+    extra: Sequence[ToyFact] = (),
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Train the toy (on ``cfg.train.threads`` threads, deterministically: see
-    :func:`deterministic_training`)."""
+    :func:`deterministic_training`); ``tokenizer``: :func:`toy_tokenizer` of ``facts + extra``
+    when already made."""
     with deterministic_training(cfg.train.threads):
-        model, tokenizer, info = _train_toy(cfg, facts, extra=extra, seed=seed)
+        model, tokenizer, info = _train_toy(cfg, facts, extra=extra, seed=seed, tokenizer=tokenizer)
     info["environment"] = training_environment(resolve_device(cfg.device)) | {"threads": cfg.train.threads}
     return model, tokenizer, info
 
 
 def _train_toy(
-    cfg: ModelConfig, facts: Sequence[ToyFact], *, extra: Sequence[ToyFact] = (), seed: int
+    cfg: ModelConfig,
+    facts: Sequence[ToyFact],
+    *,
+    extra: Sequence[ToyFact] = (),
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Train the toy on ``facts`` (and ``extra``: see :func:`answer_space_facts`).
 
@@ -807,17 +837,10 @@ def _train_toy(
     """
     from tqdm.auto import tqdm
 
-    from runner.tokenizers import train_bpe
-
     t = cfg.train
-    _tokenizer_style(cfg)
     everything = list(facts) + list(extra)
-    tokenizer = train_bpe(
-        [f.text for f in everything],
-        vocab_size=cfg.tokenizer.vocab_size,
-        style=cfg.architecture,
-        min_frequency=cfg.tokenizer.min_frequency,
-    )
+    if tokenizer is None:
+        tokenizer = toy_tokenizer(cfg, everything)
     model = build_tiny_model(cfg, tokenizer, seed)
     device = resolve_device(cfg.device)
     model.to(device)

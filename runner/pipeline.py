@@ -33,7 +33,7 @@ from evaluation.cases import EditCase
 from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
 from runner.corpus import corpus_texts
-from runner.datasets import LoadedDataset, load_from_config
+from runner.datasets import DatasetError, LoadedDataset, load_from_config
 from runner.environment import run_environment
 from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
@@ -229,15 +229,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _training_cases(cfg: DictConfig, dataset: LoadedDataset, data_cache: Path) -> list[EditCase]:
-    """The cases a locally trained model learns: the run's, or at least the first
-    ``model.train.cases`` of the dataset, so that runs of different sizes share one model."""
+    """The cases a locally trained model learns: at least the first ``model.train.cases`` of the
+    dataset (all of the run's when it has more), so that runs of every ``dataset.size`` edit one
+    and the same model. A file with fewer cases is topped up from the bundled sample of the same
+    name and schema (the run's own cases first: where a prompt appears twice, theirs wins)."""
     n = OmegaConf.select(cfg, "model.train.cases", default=None)
     if cfg.model.source != "toy" or not n or n <= len(dataset.cases):
         return dataset.cases
-    more = load_from_config(
-        {**OmegaConf.to_container(cfg.dataset, resolve=True), "size": n}, cache_dir=data_cache
-    )
-    return more.cases
+    spec = OmegaConf.to_container(cfg.dataset, resolve=True)
+    more = load_from_config({**spec, "size": n}, cache_dir=data_cache)
+    cases = list(more.cases)
+    if len(cases) < n and (spec.get("path") or spec.get("download")):
+        try:
+            bundled = load_from_config({**spec, "path": None, "download": False, "size": None})
+        except (ValueError, DatasetError):  # no bundled sample of this name
+            bundled = None
+        if bundled is not None and bundled.schema == more.schema:
+            taken = {c.request.subject for c in cases}
+            filler = [c for c in bundled.cases if c.request.subject not in taken]
+            cases += filler[: n - len(cases)]
+            log.info(
+                "toy: %d cases of %s topped up with %d bundled cases (model.train.cases=%d)",
+                len(more.cases),
+                more.source,
+                len(cases) - len(more.cases),
+                n,
+            )
+    return cases
 
 
 def _edit_and_evaluate(

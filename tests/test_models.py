@@ -308,3 +308,20 @@ def test_toy_recipe_runs_on_other_architectures(architecture: str, tmp_path: Pat
     assert loaded.trained and loaded.info["steps"] == 2
     bos = loaded.tokenizer("Paris")["input_ids"][0] == loaded.tokenizer.bos_token_id
     assert bos is (architecture == "llama")
+
+
+def test_toy_refuses_a_too_long_probe_before_training(tmp_path: Path, monkeypatch) -> None:
+    import runner.models as models
+    from runner.validate import PromptTooLongError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the toy trained before the length check")
+
+    monkeypatch.setattr(models, "train_toy", never)
+    cases = _cases()
+    long = " ".join(["word"] * 300)
+    cases[3] = replace(
+        cases[3], probes={**cases[3].probes, "neighborhood": (Probe(f"{long} relates to", "Zorba", "Apple"),)}
+    )
+    with pytest.raises(PromptTooLongError, match=r"case 3: neighborhood probe 0 .* model.sizes.max_positions"):
+        load_model(_small_toy(), cases=cases, cache_dir=tmp_path, seed=0)

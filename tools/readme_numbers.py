@@ -1,0 +1,278 @@
+"""``make readme-numbers``: rerun every command whose numbers the README shows and rewrite its tables.
+
+Each table of numbers in README.md sits between ``<!-- numbers:NAME -->`` and
+``<!-- /numbers:NAME -->``; :data:`BLOCKS` says which commands produce block NAME and how its table
+is drawn from their ``summary.json`` files (or, for the benchmark, from ``bench``'s JSON). Every
+block ends with a line naming the command, the machine and the library versions it ran on, so no
+number in those tables is typed by hand.
+
+    python -m tools.readme_numbers                  # every block (about an hour on 2 CPU cores)
+    python -m tools.readme_numbers --only default   # some blocks
+    python -m tools.readme_numbers --list           # block names and their commands
+
+Runs land in ``outputs/readme-numbers/<time>/<block>/`` (the toy and the statistics are cached in
+``paths.cache_dir`` as usual, so a second call only re-edits and re-evaluates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+#: overrides every run gets: no tracking, no progress bars, quiet toy training
+QUIET = ["logger=none", "progress=false", "model.train.progress=false"]
+
+
+@dataclass
+class Job:
+    label: str
+    args: list[str]
+    multirun: bool = False
+
+
+@dataclass
+class Block:
+    """A README table: the jobs that produce it and how to draw it from their outputs."""
+
+    name: str
+    jobs: list[Job]
+    render: Callable[[list[tuple[Job, Path]]], str]
+    note: str = ""
+    tool: list[str] = field(default_factory=lambda: ["run.py"])
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def _summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+
+
+def _mean(summary: dict, name: str, stage: str = "post") -> float | None:
+    entry = summary["metrics"][stage].get(name)
+    return None if entry is None else float(entry["mean"])
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def render_printed_table(runs: list[tuple[Job, Path]]) -> str:
+    """The pre-/post-edit table exactly as ``python run.py`` printed it."""
+    (_, folder), *_ = runs
+    printed = (folder / "stdout.txt").read_text(encoding="utf-8").splitlines()
+    rows = [line for line in printed if line.startswith("|")]
+    return "```\n" + "\n".join(rows) + "\n```"
+
+
+def render_headline(columns: Sequence[str] = ("efficacy", "generality", "locality", "score")):
+    def render(runs: list[tuple[Job, Path]]) -> str:
+        lines = [
+            "| run | " + " | ".join(f"{c} {'↑'}" for c in columns) + " |",
+            "| --- | " + " | ".join("---:" for _ in columns) + " |",
+        ]
+        for job, folder in runs:
+            summary = _summary(folder)
+            lines.append(
+                f"| {job.label} | " + " | ".join(_fmt(_mean(summary, c)) for c in columns) + " |"
+            )
+        return "\n".join(lines)
+
+    return render
+
+
+def render_paper_table(runs: list[tuple[Job, Path]]) -> str:
+    (_, folder), *_ = runs
+    tables = sorted(folder.glob("paper_table*.md"))
+    if not tables:
+        raise SystemExit(f"no paper_table*.md in {folder}")
+    text = tables[0].read_text(encoding="utf-8").strip()
+    return "\n".join(line for line in text.splitlines() if line.startswith("|"))
+
+
+def render_bench(runs: list[tuple[Job, Path]]) -> str:
+    (_, folder), *_ = runs
+    result = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
+    return result["table"]
+
+
+# ---------------------------------------------------------------------------------------- blocks
+
+EDITORS = [
+    ("unedited", "unedited"),
+    ("ROME (layer 2)", "rome"),
+    ("MEMIT (layers 1-3, λ = 100)", "memit"),
+    ("CoME-MEMIT (α = 0.1, p = 0.2)", "come_memit"),
+    ("PMET (λ = 100)", "pmet"),
+    ("CoME-PMET (λ = 100)", "come_pmet"),
+    ("FT (layer 2)", "ft"),
+    ("FT-L (layer 2)", "ft_l"),
+]
+SIZES = (20, 60, 200, 500)
+
+BLOCKS: dict[str, Block] = {
+    b.name: b
+    for b in [
+        Block("default", [Job("python run.py", [])], render_printed_table),
+        Block(
+            "editors",
+            [Job(label, [f"editor={name}", "eval=fast"]) for label, name in EDITORS],
+            render_headline(),
+        ),
+        Block(
+            "sizes",
+            [Job(f"dataset.size={n}", [f"dataset.size={n}", "eval=fast"]) for n in SIZES],
+            render_headline(),
+        ),
+        Block(
+            "table1_toy",
+            [
+                Job(
+                    "table1 on the toy",
+                    [
+                        "+experiment=table1",
+                        "model=toy",
+                        "dataset.download=false",
+                        "eval.generation.download=false",
+                        "eval.generation.consistency=auto",
+                        "dataset.size=200",
+                        "batch_size=200",
+                    ],
+                    multirun=True,
+                )
+            ],
+            render_paper_table,
+        ),
+        Block(
+            "bench",
+            [Job("make bench", ["--cases", "64", "--batch", "32", "--repeat", "3"])],
+            render_bench,
+            tool=["-m", "bench"],
+        ),
+    ]
+}
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+def machine_line() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_text(block: Block, job: Job) -> str:
+    if block.tool[0] == "run.py":
+        return shlex.join(["python", "run.py", *job.args])
+    return shlex.join(["python", *block.tool, *job.args])
+
+
+def run_job(block: Block, job: Job, folder: Path, python: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if block.tool[0] == "run.py":
+        where = f"hydra.sweep.dir={folder}" if job.multirun else f"hydra.run.dir={folder}"
+        argv = [python, "run.py", *job.args, *QUIET, where]
+    else:
+        argv = [python, *block.tool, *job.args, "--out", str(folder / "bench.json")]
+    print(f"[{block.name}] {shlex.join(argv)}", flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    (folder / "stdout.txt").write_text(proc.stdout, encoding="utf-8")
+    (folder / "stderr.txt").write_text(proc.stderr, encoding="utf-8")
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"[{block.name}] {command_text(block, job)} failed ({proc.returncode}):\n{tail}")
+    (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    return folder
+
+
+def render_block(block: Block, runs: list[tuple[Job, Path]], machine: str, sha: str) -> str:
+    commands = "; ".join(f"`{command_text(block, job)}`" for job, _ in runs)
+    seconds = sum(float((folder / "wall_seconds.txt").read_text()) for _, folder in runs)
+    footer = (
+        f"<sub>Written by `make readme-numbers` ({_dt.date.today().isoformat()}, commit {sha}) from "
+        f"{commands}; {seconds / 60:.1f} min wall in all "
+        f"(toy and statistics cached); {machine}.</sub>"
+    )
+    return f"{block.render(runs).rstrip()}\n\n{footer}"
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the content between block ``name``'s markers replaced by ``body``."""
+    pattern = re.compile(
+        rf"(<!-- numbers:{re.escape(name)} -->\n)(.*?)(\n<!-- /numbers:{re.escape(name)} -->)", re.S
+    )
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no block <!-- numbers:{name} --> ... <!-- /numbers:{name} -->")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+
+
+def blocks_in(text: str) -> list[str]:
+    return re.findall(r"<!-- numbers:([\w-]+) -->", text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.readme_numbers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated block names (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the blocks and their commands")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the runs")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text(encoding="utf-8")
+    names = [n for n in args.only.split(",") if n] or blocks_in(text)
+    unknown = [n for n in names if n not in BLOCKS]
+    if unknown:
+        raise SystemExit(f"unknown block(s) {unknown}; known: {sorted(BLOCKS)}")
+    if args.list:
+        for name in names:
+            for job in BLOCKS[name].jobs:
+                print(f"{name}: {command_text(BLOCKS[name], job)}")
+        return
+    out = args.out or ROOT / "outputs" / "readme-numbers" / _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    machine, sha = machine_line(), git_sha()
+    for name in names:
+        block = BLOCKS[name]
+        runs = [(job, run_job(block, job, out / name / str(i), sys.executable)) for i, job in enumerate(block.jobs)]
+        text = replace_block(text, name, render_block(block, runs, machine, sha))
+        args.readme.write_text(text, encoding="utf-8")  # block by block: a failure keeps the others
+        print(f"[{name}] README block rewritten", flush=True)
+
+
+if __name__ == "__main__":
+    main()
