@@ -193,7 +193,9 @@ def test_toy_cache_key_holds_the_training_environment(tmp_path: Path, monkeypatc
 
     a = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path, seed=0)
     monkeypatch.setattr(
-        models, "training_environment", lambda device: {"torch": "0.0", "device": "cpu", "cpu_capability": "X"}
+        models,
+        "training_environment",
+        lambda device: {"torch": "0.0", "device": "cpu", "cpu_capability": "X"},
     )
     b = load_model(_small_toy(), cases=_cases(), cache_dir=tmp_path, seed=0)
     assert a.revision != b.revision and b.trained  # other kernels: another toy, not a stale one
@@ -323,5 +325,7 @@ def test_toy_refuses_a_too_long_probe_before_training(tmp_path: Path, monkeypatc
     cases[3] = replace(
         cases[3], probes={**cases[3].probes, "neighborhood": (Probe(f"{long} relates to", "Zorba", "Apple"),)}
     )
-    with pytest.raises(PromptTooLongError, match=r"case 3: neighborhood probe 0 .* model.sizes.max_positions"):
+    with pytest.raises(
+        PromptTooLongError, match=r"case 3: neighborhood probe 0 .* model.sizes.max_positions"
+    ):
         load_model(_small_toy(), cases=cases, cache_dir=tmp_path, seed=0)

@@ -15,13 +15,16 @@ def test_every_readme_block_has_a_recipe_and_markers_pair_up():
     for name in names:
         assert text.count(f"<!-- numbers:{name} -->") == 1
         assert text.count(f"<!-- /numbers:{name} -->") == 1
-        assert "Written by `make readme-numbers`" in text.split(f"<!-- numbers:{name} -->")[1].split(
-            f"<!-- /numbers:{name} -->"
-        )[0]
+        assert (
+            "Written by `make readme-numbers`"
+            in text.split(f"<!-- numbers:{name} -->")[1].split(f"<!-- /numbers:{name} -->")[0]
+        )
 
 
 def test_replace_block_rewrites_only_its_block():
-    text = "a\n<!-- numbers:x -->\nold\n<!-- /numbers:x -->\nb\n<!-- numbers:y -->\nkeep\n<!-- /numbers:y -->\n"
+    text = (
+        "a\n<!-- numbers:x -->\nold\n<!-- /numbers:x -->\nb\n<!-- numbers:y -->\nkeep\n<!-- /numbers:y -->\n"
+    )
     out = replace_block(text, "x", "new | 1")
     assert out == text.replace("old", "new | 1")
     with pytest.raises(SystemExit, match="no block"):

@@ -86,9 +86,7 @@ def render_headline(columns: Sequence[str] = ("efficacy", "generality", "localit
         ]
         for job, folder in runs:
             summary = _summary(folder)
-            lines.append(
-                f"| {job.label} | " + " | ".join(_fmt(_mean(summary, c)) for c in columns) + " |"
-            )
+            lines.append(f"| {job.label} | " + " | ".join(_fmt(_mean(summary, c)) for c in columns) + " |")
         return "\n".join(lines)
 
     return render
@@ -248,7 +246,9 @@ def blocks_in(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tools.readme_numbers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.readme_numbers", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--only", default="", help="comma-separated block names (default: all)")
     parser.add_argument("--list", action="store_true", help="print the blocks and their commands")
     parser.add_argument("--out", type=Path, default=None, help="folder for the runs")
@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     machine, sha = machine_line(), git_sha()
     for name in names:
         block = BLOCKS[name]
-        runs = [(job, run_job(block, job, out / name / str(i), sys.executable)) for i, job in enumerate(block.jobs)]
+        runs = [
+            (job, run_job(block, job, out / name / str(i), sys.executable))
+            for i, job in enumerate(block.jobs)
+        ]
         text = replace_block(text, name, render_block(block, runs, machine, sha))
         args.readme.write_text(text, encoding="utf-8")  # block by block: a failure keeps the others
         print(f"[{name}] README block rewritten", flush=True)
