@@ -472,6 +472,9 @@ def _convert_rome(rec: Mapping, case_id: str, index: int, target_field: str) -> 
     }
     if "pararel_idx" in rec:
         meta["pararel_idx"] = rec["pararel_idx"]
+    subjects = _neighborhood_subjects(rec.get("neighborhood_samples"), neighbors)
+    if subjects is not None:
+        meta["neighborhood_subjects"] = subjects
     return EditCase(
         request=_request(case_id, template, subject, new, true),
         probes=probes,
@@ -479,6 +482,25 @@ def _convert_rome(rec: Mapping, case_id: str, index: int, target_field: str) -> 
         meta=meta,
         true_answer=true,
     )
+
+
+def _neighborhood_subjects(samples: object, prompts: Sequence[str]) -> tuple[str, ...] | None:
+    """The subject of each neighbourhood prompt, from a record's ``neighborhood_samples``
+    ({subject, prompt template} per prompt, as in the multi_counterfact subsets), when they line
+    up with the prompts; else None (the field is optional and unchecked upstream)."""
+    if not isinstance(samples, list) or len(samples) != len(prompts):
+        return None
+    subjects = []
+    for sample, prompt in zip(samples, prompts):
+        if not isinstance(sample, Mapping):
+            return None
+        subject, template = sample.get("subject"), sample.get("prompt")
+        if not isinstance(subject, str) or not isinstance(template, str) or "{}" not in template:
+            return None
+        if fill(template, subject) != prompt:
+            return None
+        subjects.append(subject)
+    return tuple(subjects)
 
 
 def _convert_easyedit(rec: Mapping, case_id: str, index: int, target_field: str) -> EditCase:

@@ -61,12 +61,13 @@ __all__ = [
     "resolve_device",
     "tokenizer_corpus",
     "toy_facts",
+    "subject_from_templates",
     "toy_recall",
     "train_toy",
 ]
 
 #: Bump when the toy training code changes in a way that changes the trained model.
-TOY_RECIPE = "toy-v2"
+TOY_RECIPE = "toy-v3"
 
 DATA_DIR = Path(__file__).parent / "data"
 SOURCES = ("hub", "tiny", "toy")
@@ -126,6 +127,8 @@ class ToyTraining:
     min_lr_ratio: float = 0.1
     warmup: int = 100
     batch_size: int = 32
+    # samples are drawn this many batches at a time and grouped by length (1: no grouping)
+    length_pool: int = 8
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int | None = 0  # None: the run's seed (then the toy changes with the run seed)
@@ -493,10 +496,15 @@ def toy_facts(cases: Sequence[EditCase]) -> list[ToyFact]:
 
     For each case: the rewrite prompt and every paraphrase prompt with the pre-edit answer
     (``case.true_answer``, falling back to ``request.target_true``), and every neighborhood probe
-    with its own target. Duplicates are dropped; the result is sorted, so the toy does not depend
-    on the order of the cases. A prompt seen with two different answers keeps the first one
-    (in case order).
+    with its own target. Each fact carries its subject where it is known, so that the training
+    bottleneck and lens (see :func:`train_toy`) apply to it: the request's subject in its own
+    prompts; for neighbourhood prompts, the record's ``neighborhood_samples`` when it has them,
+    else the subject found by matching the prompt against the relation templates of the run's
+    requests (:func:`subject_from_templates`). Duplicates are dropped; the result is sorted, so
+    the toy does not depend on the order of the cases. A prompt seen with two different answers
+    keeps the first one (in case order).
     """
+    templates = sorted({c.request.prompt for c in cases}, key=lambda t: (-len(t), t))
     seen: dict[str, ToyFact] = {}
     for case in cases:
         true = (getattr(case, "true_answer", "") or case.request.target_true).strip()
@@ -506,11 +514,28 @@ def toy_facts(cases: Sequence[EditCase]) -> list[ToyFact]:
             (p.prompt, true, subject if subject in p.prompt else "")
             for p in case.probes.get("paraphrase", ())
         ]
-        items += [(p.prompt, p.target, "") for p in case.probes.get("neighborhood", ())]
+        neighbors = case.probes.get("neighborhood", ())
+        known = case.meta.get("neighborhood_subjects")
+        if not known or len(known) != len(neighbors):
+            known = [subject_from_templates(p.prompt, templates) for p in neighbors]
+        items += [(p.prompt, p.target, s if s and s in p.prompt else "") for p, s in zip(neighbors, known)]
         for prompt, answer, subj in items:
             if prompt.strip() and answer.strip() and prompt not in seen:
                 seen[prompt] = ToyFact(prompt, answer.strip(), subj)
     return sorted(seen.values())
+
+
+def subject_from_templates(prompt: str, templates: Sequence[str]) -> str:
+    """The subject of ``prompt`` if it is one of ``templates`` (``"... {} ..."``) filled in, else
+    "". The first matching template wins (pass the longest first: "The capital of {} is" before
+    "{} is")."""
+    for template in templates:
+        head, _, tail = template.partition("{}")
+        if len(prompt) > len(head) + len(tail) and prompt.startswith(head) and prompt.endswith(tail):
+            subject = prompt[len(head) : len(prompt) - len(tail)].strip()
+            if subject:
+                return subject
+    return ""
 
 
 def answer_space_facts(
@@ -660,6 +685,7 @@ class _ToySampler:
         self.spaced = [self._encode(f, " ") for f in facts]
         self.words = sorted({w for text in self.texts for w in text.split()})
         self.bos = tokenizer("", add_special_tokens=True)["input_ids"]  # [] (GPT-2 style) or [BOS]
+        self.pending: list[list] = []
 
     def _encode(self, fact: ToyFact, lead: str) -> _Encoded:
         text = lead + fact.text
@@ -684,30 +710,46 @@ class _ToySampler:
             text = " ".join([rng.choice(t.prefix_seeds), *(rng.choice(self.words) for _ in range(n))])
         return self.tok(text + ".", add_special_tokens=False)["input_ids"][-t.prefix_max_tokens :]
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _row(self) -> tuple[list[int], list[float], tuple[int, int] | None, tuple[int, int]]:
+        """One training sample: tokens, loss weights, the subject span to bottleneck (or None), and
+        (subject's last token, answer's first token) for the lens loss ((-1, -1) if no subject)."""
         t, rng = self.t, self.rng
-        rows: list[tuple[list[int], list[float], tuple[int, int] | None]] = []
-        lens: list[tuple[int, int]] = []  # (subject's last token, answer's first token) or (-1, -1)
-        for _ in range(t.batch_size):
-            i = rng.randrange(len(self.bare))
-            if rng.random() < t.prefix_prob:
-                pre, enc = self.bos + self.prefix(), self.spaced[i]
-            else:
-                pre, enc = list(self.bos), self.bare[i]
-            seq = pre + enc.ids + [self.eos]
-            w = (
-                [0.0] * len(pre)
-                + [t.prompt_weight] * enc.n_prompt
-                + [t.answer_weight] * (len(enc.ids) - enc.n_prompt + 1)
-            )
-            span = None
-            if enc.subject and enc.subject[1] > enc.subject[0] and rng.random() < t.subject_bottleneck:
-                span = (enc.subject[0] + len(pre), enc.subject[1] + len(pre))
-            cut = max(0, len(seq) - self.max_len)
-            span = (span[0] - cut, span[1] - cut) if span and span[0] >= cut else None
-            last = enc.subject[1] + len(pre) - cut if enc.subject else -1
-            lens.append((last, enc.ids[enc.n_prompt]) if last >= 0 else (-1, -1))
-            rows.append((seq[cut:], w[cut:], span))
+        i = rng.randrange(len(self.bare))
+        if rng.random() < t.prefix_prob:
+            pre, enc = self.bos + self.prefix(), self.spaced[i]
+        else:
+            pre, enc = list(self.bos), self.bare[i]
+        seq = pre + enc.ids + [self.eos]
+        w = (
+            [0.0] * len(pre)
+            + [t.prompt_weight] * enc.n_prompt
+            + [t.answer_weight] * (len(enc.ids) - enc.n_prompt + 1)
+        )
+        span = None
+        if enc.subject and enc.subject[1] > enc.subject[0] and rng.random() < t.subject_bottleneck:
+            span = (enc.subject[0] + len(pre), enc.subject[1] + len(pre))
+        cut = max(0, len(seq) - self.max_len)
+        span = (span[0] - cut, span[1] - cut) if span and span[0] >= cut else None
+        last = enc.subject[1] + len(pre) - cut if enc.subject else -1
+        return seq[cut:], w[cut:], span, ((last, enc.ids[enc.n_prompt]) if last >= 0 else (-1, -1))
+
+    def _refill(self) -> None:
+        """``length_pool`` batches' worth of samples, sorted by length and cut into batches that
+        are served in random order: the same samples as drawing batch by batch, far less padding."""
+        t = self.t
+        pool = [self._row() for _ in range(t.batch_size * max(1, t.length_pool))]
+        if t.length_pool > 1:
+            pool.sort(key=lambda row: len(row[0]))
+        batches = [pool[i : i + t.batch_size] for i in range(0, len(pool), t.batch_size)]
+        self.rng.shuffle(batches)
+        self.pending = batches
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.pending:
+            self._refill()
+        drawn = self.pending.pop()
+        rows = [(seq, w, span) for seq, w, span, _ in drawn]
+        lens = [lens for *_, lens in drawn]
         width = max(len(seq) for seq, _, _ in rows)
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
         weights = torch.zeros((len(rows), width))

@@ -329,3 +329,43 @@ def test_toy_refuses_a_too_long_probe_before_training(tmp_path: Path, monkeypatc
         PromptTooLongError, match=r"case 3: neighborhood probe 0 .* model.sizes.max_positions"
     ):
         load_model(_small_toy(), cases=cases, cache_dir=tmp_path, seed=0)
+
+
+def test_neighbourhood_facts_carry_their_subjects() -> None:
+    """The training bottleneck and lens need a subject: from neighborhood_samples, else templates."""
+    from runner.datasets import load_cases
+    from runner.models import subject_from_templates
+
+    case = load_cases("counterfact", size=1).cases[0]
+    assert case.meta["neighborhood_subjects"][:2] == ("Léon Blum", "Montesquieu")
+    facts = {f.prompt: f for f in toy_facts([case])}
+    assert facts["The native language of Montesquieu is"] == ToyFact(
+        "The native language of Montesquieu is", "French", "Montesquieu"
+    )
+    templates = ["The mother tongue of {} is", "{} is a native speaker of", "{}, a native"]
+    assert subject_from_templates("The mother tongue of Léon Blum is", templates) == "Léon Blum"
+    assert subject_from_templates("Michel Rocard is a native speaker of", templates) == "Michel Rocard"
+    assert subject_from_templates("Paris is lovely", templates) == ""
+    bare = replace(case, meta={})  # no neighborhood_samples: the run's own templates are matched
+    facts = {f.prompt: f for f in toy_facts([bare])}
+    assert facts["The mother tongue of Léon Blum is"].subject == "Léon Blum"
+    assert facts["Michel Rocard is a native speaker of"].subject == ""  # no such template in the run
+
+
+def test_length_pooled_batches_pad_less() -> None:
+    import random
+
+    from runner.models import _ToySampler, toy_tokenizer
+
+    cfg = _small_toy()
+    facts = toy_facts(_cases())
+    tok = toy_tokenizer(cfg, facts)
+
+    def widths(pool: int) -> float:
+        sampler = _ToySampler(
+            replace(cfg, train=replace(cfg.train, length_pool=pool)), facts, tok, random.Random(0)
+        )
+        batches = [sampler.batch() for _ in range(pool * 4)]
+        return sum(ids.shape[1] for ids, *_ in batches) / len(batches)
+
+    assert widths(8) < widths(1)

@@ -27,5 +27,8 @@ def test_replace_block_rewrites_only_its_block():
     )
     out = replace_block(text, "x", "new | 1")
     assert out == text.replace("old", "new | 1")
+    assert replace_block(out, "x", "again") == text.replace("old", "again")
+    empty = "<!-- numbers:x -->\n<!-- /numbers:x -->\n"
+    assert replace_block(empty, "x", "t") == "<!-- numbers:x -->\nt\n<!-- /numbers:x -->\n"
     with pytest.raises(SystemExit, match="no block"):
         replace_block(text, "z", "")

@@ -234,11 +234,11 @@ def render_block(block: Block, runs: list[tuple[Job, Path]], machine: str, sha: 
 def replace_block(text: str, name: str, body: str) -> str:
     """``text`` with the content between block ``name``'s markers replaced by ``body``."""
     pattern = re.compile(
-        rf"(<!-- numbers:{re.escape(name)} -->\n)(.*?)(\n<!-- /numbers:{re.escape(name)} -->)", re.S
+        rf"(<!-- numbers:{re.escape(name)} -->\n)(.*?)(<!-- /numbers:{re.escape(name)} -->)", re.S
     )
     if not pattern.search(text):
         raise SystemExit(f"README.md has no block <!-- numbers:{name} --> ... <!-- /numbers:{name} -->")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(3), text, count=1)
 
 
 def blocks_in(text: str) -> list[str]:
