@@ -123,6 +123,7 @@ class ToyTraining:
     """How the ``toy`` model is trained on the true facts of the run's cases (defaults: the measured recipe)."""
 
     steps: int = 1500
+    min_epochs: float | None = None  # at least this many passes over the sentences (more steps for more cases)
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -813,6 +814,14 @@ def deterministic_training(threads: int):
         torch.use_deterministic_algorithms(before_det, warn_only=before_warn)
 
 
+def toy_steps(train: ToyTraining, n_sentences: int) -> int:
+    """Optimiser steps: ``steps``, or more when ``min_epochs`` passes over ``n_sentences`` need them
+    (so a toy trained on more cases sees each fact as often)."""
+    if not train.min_epochs:
+        return train.steps
+    return max(train.steps, math.ceil(train.min_epochs * n_sentences / train.batch_size))
+
+
 def toy_tokenizer(cfg: ModelConfig, facts: Sequence[ToyFact]) -> PreTrainedTokenizerBase:
     """The toy's byte-level BPE tokenizer, trained on its training sentences."""
     from runner.tokenizers import train_bpe
@@ -903,16 +912,18 @@ def _train_toy(
         betas=(0.9, 0.98),
     )
 
+    steps = toy_steps(t, len(everything))
+
     def lr_at(step: int) -> float:
         if step < t.warmup:
             return t.lr * (step + 1) / t.warmup
-        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+        progress = (step - t.warmup) / max(1, steps - t.warmup)
         return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     start = time.time()
     history: list[dict[str, float]] = []
     recall: dict[str, float] = {}
-    bar = tqdm(range(t.steps), desc=f"training toy ({len(facts)} facts)", disable=not t.progress)
+    bar = tqdm(range(steps), desc=f"training toy ({len(facts)} facts)", disable=not t.progress)
     step = 0
     for step in bar:
         for group in opt.param_groups:
@@ -937,7 +948,7 @@ def _train_toy(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
-        if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == t.steps:
+        if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
             recall = toy_recall(model, tokenizer, facts)
             model.train()
             history.append({"step": step + 1, "loss": round(loss.item(), 4), **recall})

@@ -369,3 +369,13 @@ def test_length_pooled_batches_pad_less() -> None:
         return sum(ids.shape[1] for ids, *_ in batches) / len(batches)
 
     assert widths(8) < widths(1)
+
+
+def test_min_epochs_gives_more_cases_more_steps() -> None:
+    from runner.models import toy_steps
+
+    train = ToyTraining(steps=100, batch_size=10, min_epochs=None)
+    assert toy_steps(train, 10_000) == 100
+    train = replace(train, min_epochs=2.0)
+    assert toy_steps(train, 100) == 100  # 20 steps would be 2 epochs: steps is the floor
+    assert toy_steps(train, 5_000) == 1_000

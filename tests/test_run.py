@@ -59,6 +59,9 @@ def test_toy_run_writes_results_summary_and_resumes(tmp_path):
     assert on_disk["protocol"]["edit_mode"] == "batch" and on_disk["protocol"]["batch_size"] == 3
     assert len(on_disk["protocol"]["dataset"]["sha256"]) == 64
     assert on_disk["protocol"]["model"]["id"] == "toy"
+    env = on_disk["protocol"]["environment"]
+    assert env["packages"]["torch"] and env["packages"]["transformers"] and env["python"]
+    assert env["torch_threads"] >= 1 and env["cpu_capability"]
     assert summary["score"] == on_disk["score"]
     # A rerun in the same folder finds every case done and writes nothing new.
     again = run(_cfg(tmp_path, *TOY))
