@@ -272,8 +272,11 @@ def main(argv: list[str] | None = None) -> None:
             (job, run_job(block, job, out / name / str(i), sys.executable))
             for i, job in enumerate(block.jobs)
         ]
-        text = replace_block(text, name, render_block(block, runs, machine, sha))
-        args.readme.write_text(text, encoding="utf-8")  # block by block: a failure keeps the others
+        body = render_block(block, runs, machine, sha)
+        # re-read first: block by block (a failure keeps the others), and two calls with other
+        # --only blocks may run side by side
+        text = replace_block(args.readme.read_text(encoding="utf-8"), name, body)
+        args.readme.write_text(text, encoding="utf-8")
         print(f"[{name}] README block rewritten", flush=True)
 
 
