@@ -242,7 +242,7 @@ def replace_block(text: str, name: str, body: str) -> str:
 
 
 def blocks_in(text: str) -> list[str]:
-    return re.findall(r"<!-- numbers:([\w-]+) -->", text)
+    return re.findall(r"^<!-- numbers:([\w-]+) -->$", text, re.M)
 
 
 def main(argv: list[str] | None = None) -> None:
