@@ -123,7 +123,9 @@ class ToyTraining:
     """How the ``toy`` model is trained on the true facts of the run's cases (defaults: the measured recipe)."""
 
     steps: int = 1500
-    min_epochs: float | None = None  # at least this many passes over the sentences (more steps for more cases)
+    min_epochs: float | None = (
+        None  # at least this many passes over the sentences (more steps for more cases)
+    )
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100

@@ -154,7 +154,9 @@ def _small_toy() -> ModelConfig:
         device="cpu",
         sizes=ModelSizes(n_layer=2, hidden=32, heads=2, max_positions=64),
         tokenizer=TokenizerSettings(vocab_size=300),
-        train=replace(toy.train, steps=4, min_epochs=None, batch_size=4, warmup=1, eval_every=2, progress=False),
+        train=replace(
+            toy.train, steps=4, min_epochs=None, batch_size=4, warmup=1, eval_every=2, progress=False
+        ),
         n_layers=2,
         edit_layers=[0, 1],
         edit_layer=1,
