@@ -849,22 +849,18 @@ def train_toy(
     :func:`deterministic_training`); ``tokenizer``: :func:`toy_tokenizer` of ``facts + extra``
     when already made."""
     with deterministic_training(cfg.train.threads):
-        model, tokenizer, info = _train_toy(cfg, facts, extra=extra, seed=seed, tokenizer=tokenizer)
+        tokenizer = tokenizer if tokenizer is not None else toy_tokenizer(cfg, [*facts, *extra])
+        model, info = _train_toy(cfg, facts, extra, seed, tokenizer)
     info["environment"] = training_environment(resolve_device(cfg.device)) | {"threads": cfg.train.threads}
     return model, tokenizer, info
 
 
 def _train_toy(
-    cfg: ModelConfig,
-    facts: Sequence[ToyFact],
-    *,
-    extra: Sequence[ToyFact] = (),
-    seed: int,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Train the toy on ``facts`` (and ``extra``: see :func:`answer_space_facts`).
+    cfg: ModelConfig, facts: Sequence[ToyFact], extra: Sequence[ToyFact], seed: int, tokenizer
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """Train the toy on ``facts`` and ``extra`` (see :func:`answer_space_facts`) with ``tokenizer``.
 
-    Returns model, tokenizer and a training report. Recipe (:data:`TOY_RECIPE`), each part
+    Returns the model and a training report. Recipe (:data:`TOY_RECIPE`), each part
     measured to matter (see conf/model/toy.yaml):
 
     - tokenizer: byte-level BPE trained on the training sentences (``model.tokenizer.vocab_size``).
@@ -892,8 +888,6 @@ def _train_toy(
 
     t = cfg.train
     everything = list(facts) + list(extra)
-    if tokenizer is None:
-        tokenizer = toy_tokenizer(cfg, everything)
     model = build_tiny_model(cfg, tokenizer, seed)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -972,4 +966,4 @@ def _train_toy(
         "history": history,
         "seed": seed,
     }
-    return model.cpu(), tokenizer, info
+    return model.cpu(), info

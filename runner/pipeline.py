@@ -170,8 +170,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     output_dir = Path(cfg.paths.output_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # stored with the results, logged, compared
     if cfg.task == "edit":  # a resume must be the same run; refused before anything is loaded
-        check_resume(output_dir, OmegaConf.to_container(cfg, resolve=True))
+        check_resume(output_dir, resolved)
     cache_dir = Path(cfg.paths.cache_dir)
     data_cache = Path(cfg.dataset.cache_dir) if cfg.dataset.get("cache_dir") else cache_dir / "datasets"
     dataset = load_from_config(cfg.dataset, cache_dir=data_cache)
@@ -216,12 +217,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.task == "stats":
         return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-{dataset.name}"
     tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
     failed = True
     try:
-        summary = _edit_and_evaluate(cfg, dataset, loaded, editor, cache, tracker, output_dir)
+        summary = _edit_and_evaluate(cfg, resolved, dataset, loaded, editor, cache, tracker, output_dir)
         failed = False
         return summary
     finally:
@@ -260,6 +260,7 @@ def _training_cases(cfg: DictConfig, dataset: LoadedDataset, data_cache: Path) -
 
 def _edit_and_evaluate(
     cfg,
+    resolved: dict,
     dataset: LoadedDataset,
     loaded: LoadedModel,
     editor,
@@ -268,7 +269,7 @@ def _edit_and_evaluate(
     output_dir: Path,
 ) -> dict:
     model, tok = loaded.model, loaded.tokenizer
-    store = ResultsStore(output_dir, run_config=OmegaConf.to_container(cfg, resolve=True))
+    store = ResultsStore(output_dir, run_config=resolved)
     done = store.done_ids()
     if done:
         log.info(
