@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,17 @@ def cpu_capability() -> str:
         return str(torch.backends.cpu.get_cpu_capability())
     except AttributeError:  # older torch
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def training_environment(device: torch.device | str) -> dict[str, str | None]:
@@ -55,6 +67,7 @@ def run_environment() -> dict[str, object]:
         "implementation": sys.implementation.name,
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "packages": {name: _version(name) for name in PACKAGES},
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": cpu_capability(),

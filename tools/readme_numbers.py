@@ -20,7 +20,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -29,6 +28,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from evaluation.tables import format_table
+from runner.environment import run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -50,7 +52,6 @@ class Block:
     name: str
     jobs: list[Job]
     render: Callable[[list[tuple[Job, Path]]], str]
-    note: str = ""
     tool: list[str] = field(default_factory=lambda: ["run.py"])
 
 
@@ -59,15 +60,6 @@ class Block:
 
 def _summary(folder: Path) -> dict:
     return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-
-
-def _mean(summary: dict, name: str, stage: str = "post") -> float | None:
-    entry = summary["metrics"][stage].get(name)
-    return None if entry is None else float(entry["mean"])
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def render_printed_table(runs: list[tuple[Job, Path]]) -> str:
@@ -79,15 +71,14 @@ def render_printed_table(runs: list[tuple[Job, Path]]) -> str:
 
 
 def render_headline(columns: Sequence[str] = ("efficacy", "generality", "locality", "score")):
+    """A row per job: the post-edit means of ``columns`` (the runner's table formatter)."""
+
     def render(runs: list[tuple[Job, Path]]) -> str:
-        lines = [
-            "| run | " + " | ".join(f"{c} {'↑'}" for c in columns) + " |",
-            "| --- | " + " | ".join("---:" for _ in columns) + " |",
-        ]
+        rows = []
         for job, folder in runs:
-            summary = _summary(folder)
-            lines.append(f"| {job.label} | " + " | ".join(_fmt(_mean(summary, c)) for c in columns) + " |")
-        return "\n".join(lines)
+            post = _summary(folder)["metrics"]["post"]
+            rows.append((job.label, {c: post[c]["mean"] for c in columns if c in post}))
+        return format_table(rows, columns, digits=1)
 
     return render
 
@@ -168,21 +159,11 @@ BLOCKS: dict[str, Block] = {
 
 
 def machine_line() -> str:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    env = run_environment()
+    gpu = f", GPU {env['gpu']}" if env["gpu"] else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores{gpu}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
+        f"{env['cpu']}, {os.cpu_count()} cores{gpu}; Python {env['python']}, "
+        f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}"
     )
 
 
