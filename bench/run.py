@@ -103,8 +103,9 @@ def _cache_dir() -> Path:
 
 def setup(args: argparse.Namespace) -> tuple[BenchContext, dict[str, Any]]:
     """Model, cases, statistics and editors; returns the context and facts for the JSON."""
+    from editors.base import Resources
     from runner.datasets import load_from_config
-    from runner.pipeline import build_editor, build_stats
+    from runner.pipeline import build_editor, build_stats, prepare_requirements
 
     editors = editor_names(args)
     first_editor = editors[0] if editors else "memit"
@@ -148,9 +149,10 @@ def setup(args: argparse.Namespace) -> tuple[BenchContext, dict[str, Any]]:
 
         loaded = load_model(cfg.model, cases=dataset.cases, cache_dir=_cache_dir(), seed=cfg.seed)
     stats = build_stats(cfg, loaded)
-    built = {name: build_editor(c.editor, loaded, stats, None, False) for name, c in cfgs.items()}
+    built = {name: build_editor(c.editor, loaded) for name, c in cfgs.items()}
     for editor in built.values():
-        stats.prefetch(editor.statistics_modules())  # computed or loaded now, not inside a timing
+        prepare_requirements(editor, stats)  # computed or loaded now, not inside a timing
+        editor.prepare(loaded.model, loaded.tokenizer, Resources(stats=stats))
     ctx = BenchContext(
         model=loaded.model,
         tokenizer=loaded.tokenizer,

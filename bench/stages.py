@@ -243,6 +243,7 @@ def end_to_end(ctx: BenchContext, editor: Any, cases: Sequence[EditCase], one_at
             t0 = time.perf_counter()
             with delta.applied(ctx.model):
                 score_cases(ctx.model, ctx.tokenizer, batch, batch_size=eval_batch)
+            editor.reset()  # batch mode: the model is unedited again
             timings["eval_seconds"] += time.perf_counter() - t0
         return timings
 

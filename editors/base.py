@@ -1,25 +1,171 @@
-"""The editor contract."""
+"""The editor contract: what the runner calls, and what an edit gives back.
+
+An editor is built from ``(config, spec)`` and then, once, on the unedited model::
+
+    editor = Cls(config, spec)
+    needs = editor.requirements()           # Covariance / Projector: made or loaded by the runner
+    editor.prepare(model, tokenizer, Resources(stats=..., targets=..., progress=...))
+    edit = editor.apply(model, tokenizer, requests)   # leaves ``model`` as it found it
+    handle = edit.attach(model)             # the edited model is handle.model
+    ...evaluate handle.model...
+    handle.restore(); editor.reset()        # batch mode: back to the unedited model
+    # sequential mode: kept = kept.merge(handle), the editor keeps its history until reset()
+
+Two kinds of :class:`Edit` exist: :class:`editors.delta.WeightDelta` (additive parameter changes:
+ROME, MEMIT, PMET, CoME, AlphaEdit, fine-tuning) and :class:`editors.patch.ModulePatch`
+(submodules swapped for adapters: GRACE's codebook, WISE's side memory). A handle whose
+``changes_forward`` is true makes the scorer take its plain path (no packed target+foil rows):
+an adapter may act per position, which packing would change.
+
+An editor never loads models, evaluates, logs or restores: the runner does. Its sequential state
+(AlphaEdit's accumulated keys, GRACE's codebook, the edit history that keys the target cache) lives
+in the editor and is cleared by :meth:`Editor.reset`, which the runner calls whenever it has put the
+unedited model back.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from editors.delta import WeightDelta
 from editors.requests import EditRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editors.core.covariance import SecondMoments
+    from editors.core.targets import TargetCache
+
+
+@dataclass(frozen=True)
+class Covariance:
+    """The second moment E[k kᵀ] of ``module``'s input over the stats corpus (``task=stats``)."""
+
+    module: str
+
+
+@dataclass(frozen=True)
+class Projector:
+    """The projector onto the null space of ``module``'s input covariance: the span of its
+    eigenvectors with eigenvalue below ``threshold`` (AlphaEdit). Derived from, and cached next
+    to, the covariance."""
+
+    module: str
+    threshold: float
+
+
+Requirement = Covariance | Projector
+
+
+def covariance_modules(requirements: Sequence[Requirement]) -> list[str]:
+    """The modules whose covariance the requirements need (a projector needs its covariance)."""
+    return list(dict.fromkeys(r.module for r in requirements))
+
+
+@dataclass
+class Resources:
+    """What the runner hands an editor in :meth:`Editor.prepare`."""
+
+    stats: SecondMoments | None = None  # covariance (and projectors) of the unedited model
+    targets: TargetCache | None = None  # on-disk cache of target vectors (None: no caching)
+    progress: bool = False  # show progress bars on long steps
+
+
+@runtime_checkable
+class Handle(Protocol):
+    """An edit attached to a model. ``restore`` puts the model back exactly (weights bit-exact,
+    module tree and hooks as before) and raises if it cannot."""
+
+    model: torch.nn.Module
+    changes_forward: bool
+
+    def merge(self, later: Handle) -> Handle: ...
+
+    def restore(self) -> None: ...
+
+
+@runtime_checkable
+class Edit(Protocol):
+    """What :meth:`Editor.apply` returns: a change that attaches to a model, with diagnostics
+    (one value per batch, and one value per request in request order)."""
+
+    diagnostics: dict[str, float]
+    case_diagnostics: dict[str, list[float]]
+
+    def attach(self, model: torch.nn.Module) -> Handle: ...
 
 
 @runtime_checkable
 class Editor(Protocol):
-    """An editing method.
+    """An editing method (see the module docstring for the call order)."""
 
-    ``apply`` returns the weight change for a batch of requests and leaves ``model`` exactly as
-    it found it. An editor never loads models, evaluates, logs or restores: the runner does.
-    """
+    config: Any
+
+    def requirements(self) -> Sequence[Requirement]: ...
+
+    def prepare(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, resources: Resources
+    ) -> None: ...
 
     def apply(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
-    ) -> WeightDelta: ...
+    ) -> Edit: ...
+
+    def reset(self) -> None: ...
+
+    def memory_knobs(self) -> Sequence[tuple[str, str]]: ...
+
+
+class EditorBase:
+    """Defaults every editor shares: no requirements, resources kept, an edit history.
+
+    ``history`` lists the case ids of the requests applied since the last :meth:`reset`, in order:
+    in sequential mode the state the next edit starts from. :meth:`history_state` names it (the
+    empty string for the unedited model), e.g. for target-cache keys.
+    """
+
+    #: (config key, what it controls) of the settings that lower this editor's peak memory
+    #: while editing; the runner names them when an edit runs out of memory.
+    MEMORY_KNOBS: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, config: Any, spec: Any) -> None:
+        self.config = config
+        self.spec = spec
+        self.resources = Resources()
+        self.history: list[str] = []
+
+    @property
+    def progress(self) -> bool:
+        return self.resources.progress
+
+    def requirements(self) -> list[Requirement]:
+        return []
+
+    def prepare(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, resources: Resources
+    ) -> None:
+        self.resources = resources
+
+    def record(self, requests: Sequence[EditRequest]) -> None:
+        """Note that ``requests`` were applied (call at the end of ``apply``)."""
+        self.history.extend(r.case_id for r in requests)
+
+    def history_state(self) -> str:
+        if not self.history:
+            return ""
+        return hashlib.sha256(",".join(self.history).encode()).hexdigest()
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def memory_knobs(self) -> Sequence[tuple[str, str]]:
+        return self.MEMORY_KNOBS
+
+
+def ready(editor: Editor, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, **resources) -> Editor:
+    """``editor`` after :meth:`Editor.prepare` with ``Resources(**resources)`` (scripts, tests)."""
+    editor.prepare(model, tokenizer, Resources(**resources))
+    return editor

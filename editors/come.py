@@ -1,6 +1,6 @@
 """CoME (Jung et al., NAACL 2025): conflict-free editing by unlearning the old object.
 
-CoME changes only how each request's target vector is built, on top of MEMIT or PMET:
+CoME changes only how each request's target vector is built, on top of MEMIT, PMET or AlphaEdit:
 
   A. δ′: optimised like δ but toward the OLD object (the "unlearning vector");
   B. δ:  the base method's vector toward the new object; z₀ = h + δ;
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors.alphaedit import AlphaEdit, AlphaEditConfig
 from editors.checks import non_negative
 from editors.core.targets import TargetConfig, Targets, new_answers
 from editors.core.tokens import answer_ids
@@ -198,3 +199,20 @@ class ComePmetConfig(PmetConfig, ComeSettings):
 
 class ComePmet(ComeMixin, Pmet):
     config: ComePmetConfig
+
+
+@dataclass
+class ComeAlphaEditConfig(AlphaEditConfig, ComeSettings):
+    """CoME's target step on AlphaEdit's null-space solve (no released code has this pair).
+    AlphaEdit's targets are MEMIT's, so δ′ follows COME_MEMIT."""
+
+    _target_: str = "editors.come.ComeAlphaEdit"
+    unlearn_step_ratio: float = 0.5  # as COME_MEMIT: int(25 / 2) = 12 iterations, 12 Adam steps
+
+    def __post_init__(self) -> None:
+        AlphaEditConfig.__post_init__(self)
+        ComeSettings.__post_init__(self)
+
+
+class ComeAlphaEdit(ComeMixin, AlphaEdit):
+    config: ComeAlphaEditConfig

@@ -1,4 +1,5 @@
-"""WeightDelta: parameter name -> additive change, applied and undone bit-exactly."""
+"""WeightDelta: parameter name -> additive change, attached and undone bit-exactly (an
+:class:`editors.base.Edit` whose handle leaves the forward pass as it is)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class WeightDelta:
         else:
             self.deltas[name] = delta.clone()
 
-    def apply(self, model: torch.nn.Module) -> Restorer:
+    def attach(self, model: torch.nn.Module) -> WeightHandle:
         """Add every delta to ``model`` in place; the returned handle restores the originals."""
         params = dict(model.named_parameters())
         missing = [n for n in self.deltas if n not in params]
@@ -45,33 +46,41 @@ class WeightDelta:
                     )
                 originals[name] = param.detach().clone()
                 param.add_(delta.to(device=param.device, dtype=param.dtype))
-        return Restorer(model, originals)
+        return WeightHandle(model, originals)
 
     @contextlib.contextmanager
     def applied(self, model: torch.nn.Module) -> Iterator[None]:
         """``with delta.applied(model): ...`` edits the model inside the block only."""
-        restorer = self.apply(model)
+        handle = self.attach(model)
         try:
             yield
         finally:
-            restorer.restore()
+            handle.restore()
 
     def norms(self) -> dict[str, float]:
         return {name: float(d.float().norm()) for name, d in self.deltas.items()}
 
 
-class Restorer:
+class WeightHandle:
     """Holds the original values of edited parameters and puts them back, verified bit-exact."""
+
+    changes_forward = False  # same modules, new weights: every fast path of the scorer applies
 
     def __init__(self, model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
         self.model = model
         self.originals = originals
 
-    def merge(self, other: Restorer) -> Restorer:
-        """Keep the earliest original of each parameter (sequential editing); returns ``self``."""
-        for name, value in other.originals.items():
-            self.originals.setdefault(name, value)
-        return self
+    def merge(self, later):
+        """Sequential editing: ``later`` was attached on top of this one. Another weight handle
+        of the same model folds in (the earliest original of each parameter is kept; returns
+        ``self``); any other handle is stacked (restored first)."""
+        if isinstance(later, WeightHandle) and later.model is self.model:
+            for name, value in later.originals.items():
+                self.originals.setdefault(name, value)
+            return self
+        from editors.patch import HandleStack
+
+        return HandleStack([self]).merge(later)
 
     def restore(self) -> None:
         params = dict(self.model.named_parameters())

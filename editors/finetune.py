@@ -34,10 +34,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editors import checks
-from editors.core.covariance import SecondMoments
-from editors.core.targets import TargetCache
+from editors.base import EditorBase
 from editors.core.tokens import Encoded, answer_ids, encode, model_device
-from editors.delta import Restorer, WeightDelta
+from editors.delta import WeightDelta, WeightHandle
 from editors.requests import EditRequest
 from editors.spec import ModelSpec
 
@@ -114,17 +113,12 @@ def _lm_head_logits(model, enc, positions):
     return out.logits[rows[:, None], positions].float()
 
 
-class FineTune:
+class FineTune(EditorBase):
     """FT / FT-L / FT-W (see the module docstring)."""
 
-    def __init__(
-        self,
-        config: FineTuneConfig,
-        spec: ModelSpec,
-        stats: SecondMoments | None = None,
-        progress: bool = False,
-        cache: TargetCache | None = None,
-    ) -> None:
+    MEMORY_KNOBS = (("editor.batch_size", "requests per optimiser step of a fine-tuning editor"),)
+
+    def __init__(self, config: FineTuneConfig, spec: ModelSpec) -> None:
         if config.objective not in OBJECTIVES:
             raise ValueError(f"editor.objective must be one of {OBJECTIVES}, got {config.objective!r}")
         if config.module not in MODULES:
@@ -133,12 +127,7 @@ class FineTune:
             raise ValueError("editor.layers is empty")
         if config.wd_power_law is not None and len(config.wd_power_law) != 2:
             raise ValueError(f"editor.wd_power_law must be [a, b], got {config.wd_power_law}")
-        self.config = config
-        self.spec = spec
-        self.progress = progress
-
-    def statistics_modules(self) -> list[str]:
-        return []  # fine-tuning needs no covariance statistics
+        super().__init__(config, spec)
 
     def parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         """The trained parameters, by name."""
@@ -215,7 +204,7 @@ class FineTune:
             opt.zero_grad(set_to_none=True)
             for name, p in model.named_parameters():
                 p.requires_grad_(flags[name])
-            Restorer(model, originals).restore()
+            WeightHandle(model, originals).restore()
         return deltas, {"ft_steps": float(steps), "ft_final_loss": last_mean}
 
     def _batch(self, tokenizer, prompts, targets, device) -> _Batch:
@@ -254,6 +243,7 @@ class FineTune:
         deltas, info = self.finetune(
             model, tokenizer, prompts, [r.target_new for r in requests], self.config.num_steps, self.config.lr
         )
+        self.record(requests)
         return WeightDelta(deltas=deltas, diagnostics=info)
 
 
@@ -282,7 +272,7 @@ class FLearning(FineTune):
             diagnostics |= {f"forget_{k}": v for k, v in info.items()}
             for name, d in old_deltas.items():
                 result.add(name, -cfg.forget_weight * d)
-            forget = result.apply(model)  # θ′ = θ − λ·Δ_old, for the learning stage
+            forget = result.attach(model)  # θ′ = θ − λ·Δ_old, for the learning stage
         try:
             new_deltas, info = self.finetune(
                 model,
@@ -298,4 +288,5 @@ class FLearning(FineTune):
         for name, d in new_deltas.items():
             result.add(name, d)
         result.diagnostics = diagnostics | info
+        self.record(requests)
         return result

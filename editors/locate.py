@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors.base import Covariance, EditorBase, Requirement, Resources
 from editors.core.context import sample_context_templates
 from editors.core.covariance import SecondMoments
 from editors.core.targets import TargetCache
 from editors.core.update import to_weight_layout, weight_name
-from editors.delta import Restorer, WeightDelta
+from editors.delta import WeightDelta, WeightHandle
 from editors.hooks import get_module
 from editors.spec import ModelSpec
 
@@ -37,7 +38,7 @@ class Scratch:
         self.delta.add(name, update)
 
     def restore(self) -> None:
-        Restorer(self.model, self.originals).restore()
+        WeightHandle(self.model, self.originals).restore()
 
 
 @contextlib.contextmanager
@@ -50,35 +51,50 @@ def scratch(model: torch.nn.Module) -> Iterator[Scratch]:
         work.restore()
 
 
-class LocateThenEdit:
-    """Base of ROME/MEMIT-style editors: holds the spec, the statistics and the context templates.
+class LocateThenEdit(EditorBase):
+    """Base of ROME/MEMIT-style editors: the spec, the statistics and the context templates.
 
-    ``context_lengths`` is the reference's ``[(max_length, count), ...]``; the templates are sampled
-    once from the unedited model (the first ``apply``) and reused for the editor's lifetime.
-    ``cache`` (optional) stores target vectors on disk for methods whose targets depend only on
-    the request and the model state.
+    ``config.context_templates`` is the reference's ``[(max_length, count), ...]``; the templates
+    are sampled once from the unedited model (in :meth:`prepare`, else at the first ``apply``) and
+    reused for the editor's lifetime. The covariance statistics and the target-vector cache arrive
+    through :meth:`prepare` (``Resources``).
     """
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        stats: SecondMoments,
-        context_lengths: Sequence[Sequence[int]],
-        seed: int = 0,
-        progress: bool = False,
-        cache: TargetCache | None = None,
-    ) -> None:
-        self.spec = spec
-        self.stats = stats
-        self.cache = cache
-        self.context_lengths = [tuple(int(v) for v in pair) for pair in context_lengths]
-        self.seed = seed
-        self.progress = progress
+    MEMORY_KNOBS = (
+        ("editor.target.batch_size", "requests whose target vectors are optimised together"),
+        ("editor.read_batch_size", "prompts per forward pass when reading keys and values"),
+    )
+
+    def __init__(self, config, spec: ModelSpec) -> None:
+        super().__init__(config, spec)
+        self.context_lengths = [tuple(int(v) for v in pair) for pair in config.context_templates]
+        self.seed = config.seed
         self._context: list[list[str]] | None = None
 
+    @property
+    def stats(self) -> SecondMoments:
+        if self.resources.stats is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs covariance statistics: call prepare() with Resources(stats=...)"
+            )
+        return self.resources.stats
+
+    @property
+    def cache(self) -> TargetCache | None:
+        return self.resources.targets
+
     def statistics_modules(self) -> list[str]:
-        """Modules whose covariance statistics ``apply`` needs (computed by ``task=stats``)."""
+        """Modules whose input covariance ``apply`` needs."""
         raise NotImplementedError
+
+    def requirements(self) -> list[Requirement]:
+        return [Covariance(m) for m in self.statistics_modules()]
+
+    def prepare(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, resources: Resources
+    ) -> None:
+        super().prepare(model, tokenizer, resources)
+        self.context(model, tokenizer)
 
     def context(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[list[str]]:
         if self._context is None:

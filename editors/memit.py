@@ -18,9 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editors import checks
-from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
-from editors.core.targets import TargetCache, TargetConfig, Targets, cached_targets
+from editors.core.targets import TargetConfig, Targets, cached_targets
 from editors.core.tokens import model_device
 from editors.core.update import least_squares_update, spread_divisor
 from editors.delta import WeightDelta
@@ -56,18 +55,10 @@ class MemitConfig:
 
 
 class Memit(LocateThenEdit):
-    def __init__(
-        self,
-        config: MemitConfig,
-        spec: ModelSpec,
-        stats: SecondMoments,
-        progress: bool = False,
-        cache: TargetCache | None = None,
-    ) -> None:
-        super().__init__(spec, stats, config.context_templates, config.seed, progress, cache)
+    def __init__(self, config: MemitConfig, spec: ModelSpec) -> None:
         if not config.layers:
             raise ValueError("editor.layers is empty")
-        self.config = config
+        super().__init__(config, spec)
 
     def statistics_modules(self) -> list[str]:
         return [self.spec.mlp_out_name(layer) for layer in self.config.layers]
@@ -101,6 +92,7 @@ class Memit(LocateThenEdit):
             self.optimized_sites(),
             self.context(model, tokenizer),
             progress=self.progress,
+            state=self.history_state(),
             **options,
         )
 
@@ -133,12 +125,10 @@ class Memit(LocateThenEdit):
                     model, tokenizer, requests, module, context, cfg.key_averaging, cfg.read_batch_size
                 )
                 residual = (z - current) / spread_divisor(len(layers) - i, cfg.residual_spread)
-                update = least_squares_update(
-                    keys, residual, self.stats.get(module).to(device), cfg.update_weight
-                )
-                work.write(module, update)
+                work.write(module, self.solve(i, module, keys, residual))
                 current = bare_values(model, tokenizer, requests, z_site, "output", cfg.read_batch_size)
             reached = current
+            self.edited(model, tokenizer, requests, context)
         delta = work.delta
         gap_before = (z - start).norm(dim=1)
         gap_after = (z - reached).norm(dim=1)
@@ -151,4 +141,22 @@ class Memit(LocateThenEdit):
                 **extra,
             }
         )
+        self.record(requests)
         return delta
+
+    def solve(self, index: int, module: str, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The (out, in) update of ``module``, the ``index``-th edited layer, that maps ``keys``
+        [N, d_in] to ``residual`` [N, d_out]: MEMIT's least squares with λ·C (AlphaEdit changes
+        only this)."""
+        c = self.stats.get(module).to(keys.device)
+        return least_squares_update(keys, residual, c, self.config.update_weight)
+
+    def edited(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        context: list[list[str]],
+    ) -> None:
+        """Called with every layer's update in place, before the model is put back (AlphaEdit
+        reads the edited keys here); MEMIT keeps nothing."""

@@ -1,6 +1,7 @@
 """The editors the runner can build, by config name (imported by runner.schema only)."""
 
-from editors.come import ComeMemitConfig, ComePmetConfig
+from editors.alphaedit import AlphaEditConfig
+from editors.come import ComeAlphaEditConfig, ComeMemitConfig, ComePmetConfig
 from editors.finetune import FineTuneConfig, FLearningConfig
 from editors.memit import MemitConfig
 from editors.pmet import PmetConfig
@@ -16,6 +17,8 @@ CONFIG_SCHEMAS = {
     "pmet": PmetConfig,
     "come_memit": ComeMemitConfig,
     "come_pmet": ComePmetConfig,
+    "alphaedit": AlphaEditConfig,
+    "come_alphaedit": ComeAlphaEditConfig,
     "unedited": UneditedConfig,
     "ft": FineTuneConfig,
     "f_learning": FLearningConfig,

@@ -14,9 +14,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from editors import checks
-from editors.core.covariance import SecondMoments
 from editors.core.keys import bare_values, compute_keys
-from editors.core.targets import TargetCache, TargetConfig, optimize_targets
+from editors.core.targets import TargetConfig, optimize_targets
 from editors.core.tokens import model_device
 from editors.core.update import rank_one_update
 from editors.delta import WeightDelta
@@ -56,16 +55,8 @@ class Rome(LocateThenEdit):
     """ROME. Each target is computed on the model holding the batch's earlier edits, so ROME does
     not read the target cache (its key would have to name that history)."""
 
-    def __init__(
-        self,
-        config: RomeConfig,
-        spec: ModelSpec,
-        stats: SecondMoments,
-        progress: bool = False,
-        cache: TargetCache | None = None,
-    ) -> None:
-        super().__init__(spec, stats, config.context_templates, config.seed, progress, cache=None)
-        self.config = config
+    def __init__(self, config: RomeConfig, spec: ModelSpec) -> None:
+        super().__init__(config, spec)
 
     def statistics_modules(self) -> list[str]:
         return [self.spec.mlp_out_name(self.config.layer)]
@@ -96,4 +87,5 @@ class Rome(LocateThenEdit):
                 nll.append(float(targets.nll[0]))
         delta = work.delta
         delta.case_diagnostics.update({"target_delta_norm": norms, "target_steps": steps, "target_nll": nll})
+        self.record(requests)
         return delta

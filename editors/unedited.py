@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from editors.base import EditorBase
 from editors.delta import WeightDelta
 from editors.requests import EditRequest
 
@@ -18,16 +19,9 @@ class UneditedConfig:
     _target_: str = "editors.unedited.Unedited"
 
 
-class Unedited:
-    def __init__(
-        self, config: UneditedConfig, spec=None, stats=None, progress: bool = False, cache=None
-    ) -> None:
-        self.config = config
-
-    def statistics_modules(self) -> list[str]:
-        return []
-
+class Unedited(EditorBase):
     def apply(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
     ) -> WeightDelta:
+        self.record(requests)
         return WeightDelta()

@@ -255,7 +255,12 @@ def case_metrics(case: EditCase, scores: Mapping[str, Sequence[ProbeScore]]) -> 
 
 
 def score_case_probes(
-    model, tokenizer, cases: Sequence[EditCase], batch_size: int = 64, progress: bool = False
+    model,
+    tokenizer,
+    cases: Sequence[EditCase],
+    batch_size: int = 64,
+    progress: bool = False,
+    pack: bool = True,
 ) -> list[dict[str, list[ProbeScore]]]:
     """ProbeScores of every probe of every case, from ONE batched ``score_probes`` call,
     split back per case and probe set."""
@@ -267,14 +272,20 @@ def score_case_probes(
             spans.append((set_name, len(flat), len(flat) + len(probes)))
             flat.extend(probes)
         layout.append(spans)
-    scores = score_probes(model, tokenizer, flat, batch_size=batch_size, progress=progress)
+    scores = score_probes(model, tokenizer, flat, batch_size=batch_size, progress=progress, pack=pack)
     return [{name: scores[lo:hi] for name, lo, hi in spans} for spans in layout]
 
 
 def score_cases(
-    model, tokenizer, cases: Sequence[EditCase], batch_size: int = 64, progress: bool = False
+    model,
+    tokenizer,
+    cases: Sequence[EditCase],
+    batch_size: int = 64,
+    progress: bool = False,
+    pack: bool = True,
 ) -> list[dict[str, float]]:
     """Per-case metric dicts (unprefixed: ``efficacy``, ``locality_magnitude``...), all cases'
-    probes scored together. The runner calls it before and after an edit."""
-    per_case = score_case_probes(model, tokenizer, cases, batch_size=batch_size, progress=progress)
+    probes scored together. The runner calls it before and after an edit; ``pack`` False when
+    the edit changed the forward pass (``Handle.changes_forward``): no packed rows."""
+    per_case = score_case_probes(model, tokenizer, cases, batch_size=batch_size, progress=progress, pack=pack)
     return [case_metrics(case, scores) for case, scores in zip(cases, per_case)]

@@ -274,17 +274,20 @@ def _score_tokenized(
     batch_size: int,
     progress: bool,
     groups: Sequence[Sequence[int]] = (),
+    pack: bool = True,
 ) -> list[_SeqScore]:
     """Scores of ``seqs`` in their order. ``groups`` lists sequences that share a prompt (a probe's
     target and foil): when ``batch_size`` >= 2 and the model is a causal LM that takes 4-D masks,
-    each group is scored in one packed row, its prompt computed once (see :class:`_Row`)."""
+    each group is scored in one packed row, its prompt computed once (see :class:`_Row`).
+    ``pack`` False: every sequence is fed whole in a row of its own (for a model whose forward
+    pass an edit changed per position, e.g. an adapter keyed on a token; see editors.base)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not seqs:
         return []
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
-    causal = _causal_lm(model)
+    causal = pack and _causal_lm(model)
     rows: list[_Row] = []
     grouped: set[int] = set()
     if batch_size >= 2 and causal:
@@ -339,6 +342,7 @@ def score_probes(
     probes: Sequence[Probe],
     batch_size: int = 64,
     progress: bool = False,
+    pack: bool = True,
 ) -> list[ProbeScore]:
     """Teacher-forced scores of every probe's target (and foil), batched, in the probes' order.
 
@@ -358,7 +362,7 @@ def score_probes(
             pairs.append((probe.prompt, probe.foil))
     seqs = tokenize_answers(tokenizer, pairs)
     groups = [(i, j) for i, j in enumerate(foil_index) if j is not None]
-    scores = _score_tokenized(model, tokenizer, seqs, batch_size, progress, groups)
+    scores = _score_tokenized(model, tokenizer, seqs, batch_size, progress, groups, pack)
     out = []
     for i, _probe in enumerate(probes):
         target = scores[i]

@@ -1,6 +1,6 @@
 """Out-of-memory errors turned into one clear message naming the settings that lower the memory.
 
-    with explain_oom("edit", cfg):
+    with explain_oom("edit", cfg, editor.memory_knobs()):
         delta = editor.apply(model, tokenizer, requests)
 
 re-raises ``torch.cuda.OutOfMemoryError`` (and the CPU allocator's ``RuntimeError: ...
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +38,8 @@ KNOBS: dict[str, tuple[Knob, ...]] = {
         Knob("model.device_map", "spread the model over every visible GPU, then the CPU", "auto"),
     ),
     "stats": (Knob("stats.batch_tokens", "padded tokens per forward pass of the covariance statistics"),),
-    "edit": (
-        Knob("editor.target.batch_size", "requests whose target vectors are optimised together"),
-        Knob("editor.batch_size", "requests per optimiser step of a fine-tuning editor"),
-        Knob("editor.read_batch_size", "prompts per forward pass when reading keys and values"),
-        Knob("batch_size", "edits applied together; a MEMIT-style solve holds one key per edit"),
-    ),
+    # an editor adds its own knobs first (``memory_knobs()``, editors.base.EditorBase.MEMORY_KNOBS)
+    "edit": (Knob("batch_size", "edits applied together; a MEMIT-style solve holds one key per edit"),),
     "eval": (Knob("eval.batch_size", "sequences per forward pass of the scorer"),),
     "generation": (Knob("eval.generation.batch_size", "prompts per generate call"),),
 }
@@ -101,11 +97,11 @@ def _select(cfg: Any, key: str) -> Any:
         return node
 
 
-def _suggestions(groups: tuple[str, ...], cfg: Any) -> list[tuple[str, str]]:
+def _suggestions(groups: tuple[str, ...], cfg: Any, first: tuple[Knob, ...] = ()) -> list[tuple[str, str]]:
     """("key=value", explanation) per knob that applies, with the current value when known."""
     out = []
-    for group in groups:
-        for knob in KNOBS[group]:
+    for group_knobs in (first, *(KNOBS[g] for g in groups)):
+        for knob in group_knobs:
             current = _select(cfg, knob.key)
             if cfg is not None and current is None and knob.suggest == "half":
                 continue  # this run's config has no such key (e.g. an editor without `target`)
@@ -131,9 +127,11 @@ def _where(error: BaseException) -> str:
     return f"on the {device}" + (f" (tried to allocate {tried.group(1)})" if tried else "")
 
 
-def _message(stage: str, error: BaseException, cfg: Any) -> tuple[str, list[str]]:
+def _message(
+    stage: str, error: BaseException, cfg: Any, first: tuple[Knob, ...] = ()
+) -> tuple[str, list[str]]:
     doing, groups = STAGES.get(stage, (stage, tuple(KNOBS)))
-    pairs = _suggestions(groups, cfg)
+    pairs = _suggestions(groups, cfg, first)
     lines = [f"out of memory while {doing} {_where(error)}."]
     if pairs:
         lines.append("Lower the memory with one of (most effective first):")
@@ -142,10 +140,12 @@ def _message(stage: str, error: BaseException, cfg: Any) -> tuple[str, list[str]
 
 
 @contextlib.contextmanager
-def explain_oom(stage: str, cfg: Any = None) -> Iterator[None]:
+def explain_oom(stage: str, cfg: Any = None, knobs: Sequence[tuple[str, str]] = ()) -> Iterator[None]:
     """Re-raise an out-of-memory error inside the block as :class:`OutOfMemory` for ``stage``
     (``load``, ``stats``, ``edit``, ``eval``, ``generation``; another name lists every knob).
-    ``cfg``: the composed run config, for current values and concrete suggestions."""
+    ``cfg``: the composed run config, for current values and concrete suggestions; ``knobs``:
+    (key, what) pairs named first, e.g. the editor's ``memory_knobs()``."""
+    first = tuple(Knob(key, what) for key, what in knobs)
     try:
         yield
     except OutOfMemory:
@@ -155,5 +155,5 @@ def explain_oom(stage: str, cfg: Any = None) -> Iterator[None]:
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what the failed stage held is garbage now
-        message, knobs = _message(stage, error, cfg)
-        raise OutOfMemory(message, stage, knobs) from error
+        message, settings = _message(stage, error, cfg, first)
+        raise OutOfMemory(message, stage, settings) from error

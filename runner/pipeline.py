@@ -1,12 +1,12 @@
 """The run: config -> model + dataset -> edit batches -> evaluate -> restore -> results.
 
 Orchestration only. The runner never names an editing method: it builds whatever ``editor._target_``
-names, calls ``apply``, and applies/restores the returned WeightDelta itself.
+names and drives it through the contract of ``editors.base`` (requirements, prepare, apply, reset);
+it attaches the returned Edit and restores the model itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import subprocess
@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
+from editors.base import Projector, Resources, covariance_modules
 from editors.core.covariance import SecondMoments, StatsConfig
 from editors.core.targets import TargetCache
-from editors.delta import Restorer
 from evaluation.aggregate import add_prefix, aggregate_by_prefix
 from evaluation.cases import EditCase
 from evaluation.metrics import METRICS, score_cases
@@ -74,17 +74,23 @@ def git_sha() -> str | None:
         return None
 
 
-def build_editor(
-    editor_cfg: DictConfig,
-    loaded: LoadedModel,
-    stats: SecondMoments,
-    cache: TargetCache | None,
-    progress: bool,
-) -> Any:
-    """Instantiate ``editor._target_`` with its typed config, the model spec, statistics and cache."""
+def build_editor(editor_cfg: DictConfig, loaded: LoadedModel) -> Any:
+    """Instantiate ``editor._target_`` with its typed config and the model spec."""
     cls = get_class(editor_cfg._target_)
-    config = OmegaConf.to_object(editor_cfg)
-    return cls(config, spec=loaded.spec, stats=stats, progress=progress, cache=cache)
+    return cls(OmegaConf.to_object(editor_cfg), spec=loaded.spec)
+
+
+def prepare_requirements(editor: Any, stats: SecondMoments) -> dict[str, str]:
+    """Load (or compute) what ``editor.requirements()`` names; returns file paths by requirement."""
+    needs = editor.requirements()
+    modules = covariance_modules(needs)
+    stats.prefetch(modules)
+    files = {f"covariance {m}": str(stats.path(m)) for m in modules}
+    for need in needs:
+        if isinstance(need, Projector):
+            stats.projector(need.module, need.threshold)
+            files[f"projector {need.module}"] = str(stats.projector_path(need.module, need.threshold))
+    return files
 
 
 def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
@@ -209,13 +215,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.cache_targets
         else None
     )
-    editor = build_editor(cfg.editor, loaded, stats, cache, cfg.progress)
+    editor = build_editor(cfg.editor, loaded)
     if cfg.task == "stats":  # computing them is what was asked for
         stats.cfg = replace(stats.cfg, allow_compute=True)
     with explain_oom("stats", cfg):  # before any edit, so their time is not the first batch's
-        stats.prefetch(editor.statistics_modules())
+        files = prepare_requirements(editor, stats)
     if cfg.task == "stats":
-        return {"statistics": {m: str(stats.path(m)) for m in editor.statistics_modules()}}
+        return {"statistics": files}
+    editor.prepare(
+        loaded.model, loaded.tokenizer, Resources(stats=stats, targets=cache, progress=cfg.progress)
+    )
 
     name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-{dataset.name}"
     tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
@@ -291,12 +300,19 @@ def _edit_and_evaluate(
         gen_protocol = {"enabled": True, **gen_protocol}
     timings = {"edit_seconds": 0.0, "eval_seconds": 0.0, "generation_seconds": 0.0}
 
-    def evaluate(batch: Sequence[EditCase], generate: bool = True) -> list[dict[str, float]]:
+    def evaluate(
+        batch: Sequence[EditCase], generate: bool = True, pack: bool = True
+    ) -> list[dict[str, float]]:
         if not batch:
             return []
         with explain_oom("eval", cfg):
             metrics = score_cases(
-                model, tok, batch, batch_size=cfg.eval.batch_size, progress=cfg.progress and len(batch) > 100
+                model,
+                tok,
+                batch,
+                batch_size=cfg.eval.batch_size,
+                progress=cfg.progress and len(batch) > 100,
+                pack=pack,
             )
         if generation is not None and generate:
             t0 = time.perf_counter()
@@ -318,19 +334,15 @@ def _edit_and_evaluate(
             pre[case.case_id] = add_prefix(metrics, "pre_")
         log.info("pre-edit evaluation of %d cases: %.1fs", len(todo), time.perf_counter() - t0)
 
-    kept: Restorer | None = None
+    kept = None  # sequential mode: the handle of every edit so far
     pending: list[tuple[EditCase, dict]] = []
     try:
         for index, batch in enumerate(tqdm(batches, desc="edit batches", disable=not cfg.progress)):
             todo = [c for c in batch if c.case_id in todo_ids]
             if not todo and not sequential:
                 continue  # done in an earlier run; sequential runs still re-apply it below
-            if cache is not None and sequential:  # targets depend on the edits made so far
-                cache.state = hashlib.sha256(
-                    ",".join(c.case_id for b in batches[:index] for c in b).encode()
-                ).hexdigest()
             t0 = time.perf_counter()
-            with explain_oom("edit", cfg):
+            with explain_oom("edit", cfg, editor.memory_knobs()):
                 delta = editor.apply(model, tok, [c.request for c in batch])
             edit_seconds = time.perf_counter() - t0
             timings["edit_seconds"] += edit_seconds
@@ -340,11 +352,11 @@ def _edit_and_evaluate(
                 case.case_id: {f"diag_{k}": values[i] for k, values in delta.case_diagnostics.items()}
                 for i, case in enumerate(batch)
             }
-            restorer = delta.apply(model)
+            handle = delta.attach(model)
             try:
                 if cfg.eval.timing == "after_batch":
                     t0 = time.perf_counter()
-                    post = evaluate(todo)
+                    post = evaluate(todo, pack=not handle.changes_forward)
                     timings["eval_seconds"] += time.perf_counter() - t0
                     records = [
                         _record(c, pre, m, batch_info | per_case[c.case_id]) for c, m in zip(todo, post)
@@ -356,17 +368,19 @@ def _edit_and_evaluate(
                     pending.extend((c, batch_info | per_case[c.case_id]) for c in todo)
             finally:
                 if sequential:
-                    kept = restorer if kept is None else kept.merge(restorer)
+                    kept = handle if kept is None else kept.merge(handle)
                 else:
-                    restorer.restore()
+                    handle.restore()
+                    editor.reset()
         if pending:
             t0 = time.perf_counter()
-            post = evaluate([c for c, _ in pending])
+            post = evaluate([c for c, _ in pending], pack=kept is None or not kept.changes_forward)
             timings["eval_seconds"] += time.perf_counter() - t0
             store.append([_record(c, pre, m, info) for (c, info), m in zip(pending, post)])
     finally:
         if kept is not None:
             kept.restore()  # verified bit-exact; raises otherwise
+            editor.reset()
     if cache is not None:
         timings["target_cache"] = {"hits": cache.hits, "misses": cache.misses}
         log.info("target vectors: %d from cache, %d optimised", cache.hits, cache.misses)

@@ -82,3 +82,12 @@ def model(arch: str, tok, init: float = 0.1) -> torch.nn.Module:
         eos_token_id=tok.eos_token_id,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def given(editor, stats=None, cache=None):
+    """``editor`` with its resources set (what ``prepare`` stores), context templates sampled at
+    the first ``apply``; contract tests call ``prepare`` itself."""
+    from editors.base import Resources
+
+    editor.resources = Resources(stats=stats, targets=cache)
+    return editor

@@ -18,6 +18,7 @@ from evaluation.cases import Probe
 from evaluation.scoring import score_probes
 from runner.models import ModelConfig, load_model
 from tests.conftest import make_corpus
+from tests.editing_fixtures import given
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 REQUESTS = [
@@ -92,7 +93,9 @@ def test_memit_edits_a_bf16_model(bf16_setup, monkeypatch):
         return real_solve(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "solve", spy)
-    editor = Memit(MemitConfig(layers=[1, 2], update_weight=1.0, context_templates=[]), loaded.spec, stats)
+    editor = given(
+        Memit(MemitConfig(layers=[1, 2], update_weight=1.0, context_templates=[]), loaded.spec), stats
+    )
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     before = _logprobs(loaded)
     delta = editor.apply(model, loaded.tokenizer, REQUESTS)

@@ -21,7 +21,7 @@ from editors.come import (
 from editors.core.targets import TargetCache, TargetConfig, cache_settings, optimize_targets
 from editors.memit import Memit, MemitConfig
 from editors.pmet import Pmet, PmetConfig
-from tests.editing_fixtures import SPECS
+from tests.editing_fixtures import SPECS, given
 from tests.test_editors import REQUESTS, _logprobs
 
 
@@ -85,12 +85,12 @@ def _pairs(arch, stats):
     paper_zero = dict(unlearn_weight=0.0, common_coefficient="paper")
     return {
         "memit": (
-            Memit(MemitConfig(**BASE, target=memit_target), spec, stats),
-            ComeMemit(ComeMemitConfig(**BASE, target=memit_target, **paper_zero), spec, stats),
+            given(Memit(MemitConfig(**BASE, target=memit_target), spec), stats),
+            given(ComeMemit(ComeMemitConfig(**BASE, target=memit_target, **paper_zero), spec), stats),
         ),
         "pmet": (
-            Pmet(PmetConfig(**BASE, target=pmet_target), spec, stats),
-            ComePmet(ComePmetConfig(**BASE, target=pmet_target, **paper_zero), spec, stats),
+            given(Pmet(PmetConfig(**BASE, target=pmet_target), spec), stats),
+            given(ComePmet(ComePmetConfig(**BASE, target=pmet_target, **paper_zero), spec), stats),
         ),
     }
 
@@ -115,9 +115,9 @@ def test_pmet_and_come_raise_p_target_new(edit_setup, editor):
     arch, tok, net, stats = edit_setup
     spec = SPECS[arch]
     editors = {
-        "pmet": Pmet(PmetConfig(**BASE), spec, stats),
-        "come_memit": ComeMemit(ComeMemitConfig(**BASE), spec, stats),
-        "come_pmet": ComePmet(ComePmetConfig(**BASE), spec, stats),
+        "pmet": given(Pmet(PmetConfig(**BASE), spec), stats),
+        "come_memit": given(ComeMemit(ComeMemitConfig(**BASE), spec), stats),
+        "come_pmet": given(ComePmet(ComePmetConfig(**BASE), spec), stats),
     }
     original = {n: p.detach().clone() for n, p in net.named_parameters()}
     before = _logprobs(net, tok)
@@ -136,26 +136,28 @@ def test_pmet_and_come_raise_p_target_new(edit_setup, editor):
 def test_target_cache_serves_an_alpha_sweep_without_reoptimising(edit_setup, tmp_path):
     arch, tok, net, stats = edit_setup
     cache = TargetCache(tmp_path, f"tiny-{arch}")
-    first = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
+    first = given(ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch]), stats, cache)
     d1 = first.apply(net, tok, REQUESTS)
     assert (cache.hits, cache.misses) == (0, 2 * len(REQUESTS))  # δ′ and δ per request
-    second = ComeMemit(
-        ComeMemitConfig(**BASE, target=TargetConfig(steps=6), unlearn_weight=0.5),
-        SPECS[arch],
+    second = given(
+        ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6), unlearn_weight=0.5), SPECS[arch]),
         stats,
-        cache=cache,
+        cache,
     )
     d2 = second.apply(net, tok, REQUESTS)
     assert (cache.hits, cache.misses) == (2 * len(REQUESTS), 2 * len(REQUESTS))
     assert any(not torch.equal(d1.deltas[n], d2.deltas[n]) for n in d1.deltas)  # α changed the result
     # the same α again reproduces the first run exactly from the cache
-    third = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch], stats, cache=cache)
+    third = given(ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=6)), SPECS[arch]), stats, cache)
     d3 = third.apply(net, tok, REQUESTS)
     for name in d1.deltas:
         torch.testing.assert_close(d1.deltas[name], d3.deltas[name])
-    cache.state = "after-some-sequential-edits"
+    third.history = ["an-earlier-sequential-edit"]  # the model holds another edit now
     third.apply(net, tok, REQUESTS)
     assert cache.misses == 4 * len(REQUESTS)  # the edit history is part of the key
+    third.reset()
+    third.apply(net, tok, REQUESTS)
+    assert cache.misses == 4 * len(REQUESTS)  # back on the unedited model: served from the cache
 
 
 def _adam_steps_per_optimiser(monkeypatch) -> list:
@@ -202,10 +204,10 @@ def test_unlearning_and_editing_vectors_take_the_released_number_of_adam_steps(
     # answer token to be the argmax, which these multi-token answers never get on a random model
     never = dict(steps=steps, loss_stop=0.0, kl_stop=0.0)
     if base == "memit":
-        editor = ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(**never)), SPECS[arch], stats)
+        editor = given(ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(**never)), SPECS[arch]), stats)
     else:
         target = TargetConfig(lr=0.2, kl_factor=1.0, adaptive_nll=True, **never)
-        editor = ComePmet(ComePmetConfig(**BASE, target=target), SPECS[arch], stats)
+        editor = given(ComePmet(ComePmetConfig(**BASE, target=target), SPECS[arch]), stats)
     calls = _adam_steps_per_optimiser(monkeypatch)
     _, targets, diagnostics = editor.compute_targets(net, tok, REQUESTS)
     assert _runs(calls) == expected  # one optimiser for δ′, then one for δ (one batch each)
@@ -245,8 +247,9 @@ def test_cache_keys_change_only_where_the_new_target_settings_change_the_result(
 def test_old_target_space_never_precedes_the_eos_stand_in(edit_setup, monkeypatch):
     arch, tok, net, stats = edit_setup
     requests = [REQUESTS[0], replace(REQUESTS[1], target_true=None)]  # the second as in zsRE
-    editor = ComeMemit(
-        ComeMemitConfig(**BASE, target=TargetConfig(steps=2), old_target_space=True), SPECS[arch], stats
+    editor = given(
+        ComeMemit(ComeMemitConfig(**BASE, target=TargetConfig(steps=2), old_target_space=True), SPECS[arch]),
+        stats,
     )
     seen = []
     optimize = editor.optimize

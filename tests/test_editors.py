@@ -16,7 +16,7 @@ from editors.rome import Rome, RomeConfig
 from evaluation.cases import Probe
 from evaluation.scoring import score_probes
 from tests.conftest import make_corpus
-from tests.editing_fixtures import SPECS, model, tokenizer
+from tests.editing_fixtures import SPECS, given, model, tokenizer
 
 # The subject ends each prompt, so the edited position is the predicting one even in a random
 # network (whose attention does not carry facts the way a trained model's does).
@@ -36,8 +36,10 @@ def _logprobs(net, tok):
 def _editors(arch, stats):
     spec = SPECS[arch]
     return {
-        "memit": Memit(MemitConfig(layers=[1, 2], update_weight=1.0, context_templates=[]), spec, stats),
-        "rome": Rome(RomeConfig(layer=1, context_templates=[]), spec, stats),
+        "memit": given(
+            Memit(MemitConfig(layers=[1, 2], update_weight=1.0, context_templates=[]), spec), stats
+        ),
+        "rome": given(Rome(RomeConfig(layer=1, context_templates=[]), spec), stats),
     }
 
 

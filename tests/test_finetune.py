@@ -98,8 +98,8 @@ def test_f_learning_forgets_the_old_answer_then_learns_the_new(edit_setup):
 
 
 def test_unedited_changes_nothing(tiny_gpt2, tiny_tokenizer):
-    delta = Unedited(UneditedConfig()).apply(tiny_gpt2, tiny_tokenizer, REQUESTS)
-    assert not delta.deltas and Unedited(UneditedConfig()).statistics_modules() == []
+    delta = Unedited(UneditedConfig(), spec=None).apply(tiny_gpt2, tiny_tokenizer, REQUESTS)
+    assert not delta.deltas and Unedited(UneditedConfig(), spec=None).requirements() == []
 
 
 def test_bad_config_is_named():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
+from editors.memit import Memit
+from editors.registry import CONFIG_SCHEMAS
 from runner.oom import KNOBS, OutOfMemory, explain_oom, is_out_of_memory
 from tests.conftest import compose_config
 
@@ -22,19 +25,24 @@ def _cfg(*overrides: str):
 
 
 def test_every_knob_is_a_real_config_key():
-    memit, finetune = _cfg("editor=memit"), _cfg("editor=ft")
+    memit = _cfg("editor=memit")
     for knobs in KNOBS.values():
         for knob in knobs:
-            found = OmegaConf.select(memit, knob.key, default="<missing>")
-            if found == "<missing>":
-                found = OmegaConf.select(finetune, knob.key, default="<missing>")
-            assert found != "<missing>", f"{knob.key} is not a key of the composed config"
+            assert OmegaConf.select(memit, knob.key, default="<missing>") != "<missing>", knob.key
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_SCHEMAS))
+def test_every_editors_memory_knobs_are_keys_of_its_config(name):
+    cfg = _cfg(f"editor={name}")
+    editor = get_class(cfg.editor._target_)
+    for key, _what in editor.MEMORY_KNOBS:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", f"{name}: {key}"
 
 
 def test_gpu_oom_while_editing_names_the_batch_knobs_with_values():
     cfg = _cfg("editor=memit", "model=gpt-j")  # float32, no device_map, batch_size 10
     with pytest.raises(OutOfMemory) as caught:
-        with explain_oom("edit", cfg):
+        with explain_oom("edit", cfg, Memit.MEMORY_KNOBS):
             raise torch.cuda.OutOfMemoryError(CUDA_OOM)
     message = str(caught.value)
     assert "out of memory while computing the edit on the GPU (tried to allocate 2.00 GiB)" in message

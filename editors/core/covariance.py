@@ -74,6 +74,7 @@ class SecondMoments:
         self.cache_dir = Path(cache_dir)
         self.progress = progress
         self._memory: dict[str, torch.Tensor] = {}
+        self._projectors: dict[tuple[str, float], torch.Tensor] = {}
         self.loaded_from_cache: list[str] = []
         self.computed: list[str] = []
 
@@ -139,6 +140,34 @@ class SecondMoments:
                 f"model/stats overrides, or allow computing them during the run with stats.allow_compute=true."
             )
         self._compute(missing)
+
+    def projector_path(self, module: str, threshold: float) -> Path:
+        path = self.path(module)
+        return path.with_name(f"{path.stem}__nullspace{threshold:g}.pt")
+
+    def projector(self, module: str, threshold: float) -> torch.Tensor:
+        """P = U Uᵀ over the eigenvectors U of ``module``'s C with eigenvalue < ``threshold``: the
+        projector onto the directions the corpus' keys (almost) never take (AlphaEdit's null
+        space; the reference takes the SVD of C, equal to its eigendecomposition since C is
+        symmetric positive semi-definite). float32 [d_in, d_in] on the CPU, cached on disk next to
+        C (a function of C and the threshold only)."""
+        if (module, threshold) in self._projectors:
+            return self._projectors[(module, threshold)]
+        path = self.projector_path(module, threshold)
+        if path.exists():
+            p = torch.load(path, map_location="cpu", weights_only=True)["projector"]
+            log.info("null-space projector for %s loaded from cache %s", module, path)
+        else:
+            p, kept = nullspace_projector(self.get(module), threshold)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"projector": p, "threshold": threshold, "dimension": kept}, tmp)
+            tmp.replace(path)
+            log.info(
+                "null-space projector for %s (dimension %d of %d) written to %s", module, kept, len(p), path
+            )
+        self._projectors[(module, threshold)] = p
+        return p
 
     def _documents(self) -> Iterator[str]:
         docs = (t for t in self.texts() if t and t.strip())
@@ -222,6 +251,14 @@ class SecondMoments:
             self.computed.append(module)
             log.info("covariance statistics for %s written to %s (%d tokens)", module, path, state["tokens"])
         partial.unlink(missing_ok=True)
+
+
+def nullspace_projector(second_moment: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """(P, its rank): the projector onto the eigenvectors of ``second_moment`` with eigenvalue
+    below ``threshold``, computed in float64 and returned as float32."""
+    values, vectors = torch.linalg.eigh(second_moment.double())
+    small = vectors[:, values < threshold]
+    return (small @ small.T).float(), int(small.shape[1])
 
 
 def _token_batches(ids: list[list[int]], batch_tokens: int) -> Iterator[list[list[int]]]:

@@ -319,7 +319,8 @@ def _optimize_batch(
 class TargetCache:
     """Target vectors on disk, one file per request, named by a hash of everything that shapes
     them: model, sites, optimisation settings (not the batch size or ``reuse_prefix``), context templates, the
-    request, the answer, and ``state`` (the edit history in sequential mode; empty otherwise).
+    request, the answer, and the model's state (the editor's history of kept edits in sequential
+    mode, ``EditorBase.history_state``; empty for the unedited model).
     Settings that only act after the optimisation (CoME's α and p) are not part of the key, so a
     sweep over them reuses the vectors.
     """
@@ -327,14 +328,11 @@ class TargetCache:
     def __init__(self, directory: Path | str, model_id: str) -> None:
         self.dir = Path(directory)
         self.model_id = model_id
-        self.state = ""
         self.hits = 0
         self.misses = 0
 
-    def key(self, payload: dict) -> str:
-        blob = json.dumps(
-            {"model": self.model_id, "state": self.state, **payload}, sort_keys=True, default=str
-        )
+    def key(self, payload: dict, state: str = "") -> str:
+        blob = json.dumps({"model": self.model_id, "state": state, **payload}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -379,8 +377,10 @@ def cached_targets(
     answers: Sequence[str] | None = None,
     norm_lengths: Sequence[int] | None = None,
     progress: bool = False,
+    state: str = "",
 ) -> Targets:
-    """:func:`optimize_targets`, reading and writing ``cache`` per request when one is given."""
+    """:func:`optimize_targets`, reading and writing ``cache`` per request when one is given;
+    ``state`` names the edits the model already holds (see :class:`TargetCache`)."""
     if answers is None:
         answers = new_answers(requests)
     if cache is None:
@@ -398,7 +398,8 @@ def cached_targets(
                 "subject": r.subject,
                 "answer": answer,
                 "norm_length": None if norm_lengths is None else int(norm_lengths[i]),
-            }
+            },
+            state,
         )
         for i, (r, answer) in enumerate(zip(requests, answers))
     ]
