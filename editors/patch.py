@@ -21,6 +21,49 @@ from torch import nn
 from editors.hooks import get_module
 
 
+class Adapter(nn.Module):
+    """Base of the modules a :class:`ModulePatch` swaps in. ``inner`` is the module it replaces
+    (kept, never changed); everything else the adapter learnt lives in its own parameters and
+    buffers (``adapter_state``), and ``adapter_config`` is a JSON-able dict that, with the class,
+    rebuilds an empty adapter of the same shapes: an edited model with adapters saves as its
+    base weights plus, per patched module, (class path, config, state) and loads back exactly
+    (``runner.export``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def adapter_config(self) -> dict:
+        raise NotImplementedError
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors (the wrapped module's are the base model's)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("inner.")}
+
+    @classmethod
+    def rebuild(cls, inner: nn.Module, config: dict, state: dict[str, torch.Tensor]) -> Adapter:
+        """An adapter around ``inner`` from :meth:`adapter_config` and :meth:`adapter_state`."""
+        adapter = cls.from_config(inner, config)
+        result = adapter.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("inner.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{cls.__name__}: saved state does not fit (missing {missing}, unexpected {result.unexpected_keys})"
+            )
+        return adapter
+
+    @classmethod
+    def from_config(cls, inner: nn.Module, config: dict) -> Adapter:
+        raise NotImplementedError
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The base module under any adapters stacked on it (sequential editing)."""
+    while isinstance(module, Adapter):
+        module = module.inner
+    return module
+
+
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     if not name:
         raise ValueError("a ModulePatch cannot replace the whole model")
