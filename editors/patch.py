@@ -71,7 +71,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(head) if head else model), attr
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, attr = _parent(model, name)
     if isinstance(parent, (nn.ModuleList, nn.Sequential)) and attr.isdigit():
         parent[int(attr)] = module
@@ -113,10 +113,10 @@ class ModulePatch:
         try:
             for name, adapter in self.modules.items():
                 originals[name] = get_module(model, name)
-                _set_module(model, name, adapter)
+                set_module(model, name, adapter)
         except Exception:
             for name, module in reversed(list(originals.items())):
-                _set_module(model, name, module)
+                set_module(model, name, module)
             raise
         return PatchHandle(model, originals, before, params)
 
@@ -143,7 +143,7 @@ class PatchHandle:
 
     def restore(self) -> None:
         for name, module in reversed(list(self.originals.items())):
-            _set_module(self.model, name, module)
+            set_module(self.model, name, module)
         after = _fingerprint(self.model)
         if after != self._before:
             raise RuntimeError("restore of a module patch did not give back the same module tree and hooks")

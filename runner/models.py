@@ -340,6 +340,10 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if not cfg.device_map:
         model.to(resolve_device(cfg.device))
+    if Path(cfg.hub_id).expanduser().is_dir():  # an edited model written by save_model=true
+        from runner.export import attach_saved_adapters
+
+        attach_saved_adapters(model, cfg.hub_id)
     revision = getattr(model.config, "_commit_hash", None) or cfg.revision or "unknown"
     return LoadedModel(
         model=model,

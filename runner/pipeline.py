@@ -35,6 +35,7 @@ from evaluation.tables import format_table
 from runner.corpus import corpus_texts
 from runner.datasets import DatasetError, LoadedDataset, load_from_config
 from runner.environment import run_environment
+from runner.export import save_edited
 from runner.generation import build_generation_metrics
 from runner.models import LoadedModel, load_model
 from runner.oom import explain_oom
@@ -148,6 +149,10 @@ def check_config(cfg: DictConfig) -> None:
         )
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
+    if cfg.get("save_model") and cfg.edit_mode != "sequential":
+        raise ConfigError(
+            "save_model=true needs edit_mode=sequential (batch mode restores the model after every batch)"
+        )
     if cfg.task not in ("edit", "stats"):
         raise ConfigError(f"task must be 'edit' or 'stats', got {cfg.task!r}")
 
@@ -377,6 +382,12 @@ def _edit_and_evaluate(
             post = evaluate([c for c, _ in pending], pack=kept is None or not kept.changes_forward)
             timings["eval_seconds"] += time.perf_counter() - t0
             store.append([_record(c, pre, m, info) for (c, info), m in zip(pending, post)])
+        if cfg.get("save_model"):
+            folder = save_edited(model, tok, output_dir / "edited_model")
+            timings["edited_model"] = str(folder)
+            log.info(
+                "edited model written to %s (load: runner.export.load_edited or model.hub_id=<it>)", folder
+            )
     finally:
         if kept is not None:
             kept.restore()  # verified bit-exact; raises otherwise

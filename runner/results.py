@@ -37,6 +37,8 @@ NOT_SHAPING = (
     "progress",
     "threads",
     "optimized_metric",  # which summary value run.py hands a sweeper
+    "save_model",  # whether the edited model is also written out
+    "tiny_batch_size",  # only feeds batch_size (+size=tiny), which is compared itself
     "cache_targets",  # reuse of target vectors computed by an identical earlier edit
     "model.device",  # placement
     "model.device_map",

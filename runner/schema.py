@@ -60,7 +60,13 @@ class RunConfig:
     progress: bool = True
     cache_targets: bool = True  # reuse target vectors across runs (sweeps over α, p skip the optimisation)
     threads: int | None = None  # torch CPU threads; null: torch's default
+    save_model: bool = (
+        False  # sequential mode: write the edited model (with adapters) to <output_dir>/edited_model
+    )
     optimized_metric: str = "score"  # what run.py returns to a sweeper
+    # what +size=tiny sets batch_size to (config.yaml: ${dataset.size}, one batch; presets that
+    # stream batches set a smaller one)
+    tiny_batch_size: int = 16
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: Any = MISSING
     editor: Any = MISSING

@@ -120,10 +120,16 @@ def build_tables(
         present = [c for c in layout.get("columns", {}) if any(c in r.metrics for r in rows)]
         table = PaperTable(dataset, model, present, rows)
         table.notes = _protocol_notes(rows)
+        modes = {str(r.protocol.get("edit_mode", "batch")) for r in rows}
         for ref in layout.get("references", []):
             wanted = {m.lower() for m in ref.get("models", [])}
             models = {model.lower(), *([reference_model.lower()] if reference_model else [])}
-            if dataset.lower() in {d.lower() for d in ref.get("datasets", [])} and wanted & models:
+            same_mode = ref.get("edit_mode") is None or ref["edit_mode"] in modes
+            if (
+                dataset.lower() in {d.lower() for d in ref.get("datasets", [])}
+                and wanted & models
+                and same_mode
+            ):
                 ref_rows = [
                     Row(
                         m, _display(m, names), {k: {"mean": v, "stderr": None} for k, v in values.items()}, {}
