@@ -26,8 +26,9 @@ unedited model back.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -154,9 +155,22 @@ class EditorBase:
         self.history.extend(r.case_id for r in requests)
 
     def history_state(self) -> str:
+        """ "" on the unedited model; else a hash of this editor's class, its whole config and the
+        case ids applied, in order: what the edited model depends on (two editors, or one editor
+        with another λ, applying the same cases make different models)."""
         if not self.history:
             return ""
-        return hashlib.sha256(",".join(self.history).encode()).hexdigest()
+        config = asdict(self.config) if is_dataclass(self.config) else repr(self.config)
+        blob = json.dumps(
+            {
+                "editor": f"{type(self).__module__}.{type(self).__qualname__}",
+                "config": config,
+                "cases": self.history,
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def reset(self) -> None:
         self.history.clear()

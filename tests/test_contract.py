@@ -153,3 +153,23 @@ def test_unpacked_scoring_equals_packed_scoring(tiny):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-4), key
+
+
+def test_history_state_names_the_editor_its_config_and_the_cases():
+    """Sequential target-cache keys: the same cases applied by another editor, or by the same one
+    with another setting, are another model."""
+    from editors.alphaedit import AlphaEdit, AlphaEditConfig
+    from editors.memit import Memit, MemitConfig
+
+    editors = [
+        Memit(MemitConfig(update_weight=1.0), spec=None),
+        Memit(MemitConfig(update_weight=2.0), spec=None),
+        AlphaEdit(AlphaEditConfig(update_weight=1.0), spec=None),
+    ]
+    assert {e.history_state() for e in editors} == {""}  # the unedited model
+    for editor in editors:
+        editor.history = ["0", "1"]
+    states = [e.history_state() for e in editors]
+    assert len(set(states)) == 3 and "" not in states
+    editors[0].history = ["1", "0"]
+    assert editors[0].history_state() != states[0]
