@@ -34,8 +34,9 @@ table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/ta
 readme-numbers:  ## rerun every command whose numbers the README shows and rewrite its tables (about an hour on 2 cores): ARGS="--only default,sizes"
 	$(PY) -m tools.readme_numbers $(ARGS)
 
-bench:  ## speed and memory, batched vs one case at a time (toy, CPU): make bench ARGS="--cases 64 --batch 32"
+bench:  ## speed and memory, batched vs one case at a time, then the cost per edit as a sequential stream grows (toy, CPU): make bench ARGS="--cases 64 --batch 32" STREAM_ARGS="--checkpoints 10,100,500"
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.stream $(STREAM_ARGS)
 
 lint:  ## ruff check + format check
 	$(PY) -m ruff check .
