@@ -146,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "results": results,
     }
+    report["table"] = format_stream(report)
     out = args.out or RESULTS / f"stream-{_dt.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(format_stream(report))
+    print(report["table"])
     print(f"\nwritten: {out}")
     return 0
 

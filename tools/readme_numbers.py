@@ -111,6 +111,17 @@ EDITORS = [
     ("FT-L (layer 2)", "ft_l"),
 ]
 SIZES = (20, 60, 200, 500)
+SEQUENTIAL = ["edit_mode=sequential", "eval.timing=at_end", "eval=fast"]
+LIFELONG = [
+    ("MEMIT (batches of 10)", ["editor=memit"]),
+    ("CoME-MEMIT (batches of 10)", ["editor=come_memit"]),
+    ("AlphaEdit (batches of 10)", ["editor=alphaedit"]),
+    ("CoME-AlphaEdit (batches of 10)", ["editor=come_alphaedit"]),
+    ("MEMIT (one at a time)", ["editor=memit", "batch_size=1"]),
+    ("AlphaEdit (one at a time)", ["editor=alphaedit", "batch_size=1"]),
+    ("GRACE (one at a time)", ["editor=grace", "batch_size=1"]),
+    ("WISE (one at a time)", ["editor=wise", "batch_size=1"]),
+]
 
 BLOCKS: dict[str, Block] = {
     b.name: b
@@ -144,6 +155,17 @@ BLOCKS: dict[str, Block] = {
                 )
             ],
             render_paper_table,
+        ),
+        Block(
+            "lifelong",
+            [Job(label, [*args, *SEQUENTIAL]) for label, args in LIFELONG],
+            render_headline(),
+        ),
+        Block(
+            "stream",
+            [Job("make bench (stream)", ["--checkpoints", "10,100"])],
+            render_bench,
+            tool=["-m", "bench.stream"],
         ),
         Block(
             "bench",
