@@ -114,7 +114,7 @@ def method_label(cfg: DictConfig) -> str:
     if HydraConfig.initialized():
         choices = HydraConfig.get().runtime.choices
         label = choices.get("editor") or cfg.editor._target_.rsplit(".", 1)[-1]
-        ablation = choices.get("ablation")
+        ablation = choices.get("editor/ablation")  # an editor's own variant group (CoME's Table-3 ablations)
         return f"{label}+{ablation}" if ablation and ablation not in ("none", "None") else label
     return cfg.editor._target_.rsplit(".", 1)[-1]
 

@@ -47,6 +47,19 @@ def test_every_model_editor_pair_composes_and_resolves(model, editor):
         OmegaConf.to_object(cfg.editor)  # the typed editor config builds
 
 
+def test_ablations_are_a_group_of_the_come_editors_only():
+    for editor in ("come_memit", "come_pmet", "come_alphaedit"):
+        cfg = compose(
+            "config",
+            overrides=[f"editor={editor}", "editor/ablation=no_common", "paths.output_dir=/tmp/o"],
+            return_hydra_config=True,
+        )
+        assert cfg.editor.add_common is False and cfg.editor.subtract_unlearning is True
+        assert cfg.hydra.runtime.choices["editor/ablation"] == "no_common"  # the results' method label
+    with pytest.raises(ConfigCompositionException, match="editor/ablation"):
+        _compose("editor=memit", "editor/ablation=no_common")
+
+
 def test_per_pair_settings_override_method_defaults():
     assert list(_compose("model=gpt2-xl", "editor=memit").editor.layers) == [13, 14, 15, 16, 17]
     assert _compose("model=gpt2-xl", "editor=memit").editor.update_weight == 20000
