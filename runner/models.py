@@ -518,7 +518,7 @@ def toy_facts(cases: Sequence[EditCase]) -> list[ToyFact]:
         subject = case.request.subject
         items = [(case.request.text, true, subject)]
         items += [
-            (p.prompt, true, subject if subject in p.prompt else "")
+            (p.prompt, true, subject if subject and subject in p.prompt else "")
             for p in case.probes.get("paraphrase", ())
         ]
         neighbors = case.probes.get("neighborhood", ())
@@ -572,7 +572,7 @@ def answer_space_facts(
             f"model.train.subject_prompt must end with the subject '{{}}', got {subject_prompt!r}"
         )
     rng = random.Random(seed)
-    subjects = sorted({c.request.subject for c in cases})
+    subjects = sorted({c.request.subject for c in cases if c.request.subject})
     firsts = sorted({s.split()[0] for s in subjects})
     lasts = sorted({s.split()[-1] for s in subjects})
     used = set(subjects) | {f.prompt for f in taken}
@@ -585,6 +585,8 @@ def answer_space_facts(
 
     by_request: dict[tuple[str, str], set[str]] = {}
     for case in cases:
+        if case.request.subject is None:  # no subject to make up a neighbour of
+            continue
         key = (case.request.prompt, case.request.target_new)
         paras = {p.prompt.replace(case.request.subject, "{}", 1) for p in case.probes.get("paraphrase", ())}
         by_request.setdefault(key, set()).update(t for t in paras if "{}" in t)
@@ -603,7 +605,7 @@ def answer_space_facts(
             if subject_prompt is not None:
                 add(fill(subject_prompt, name), target, name)
     if subject_prompt is not None:
-        for case in sorted(cases, key=lambda c: c.request.subject):
+        for case in sorted((c for c in cases if c.request.subject), key=lambda c: c.request.subject):
             true = (getattr(case, "true_answer", "") or case.request.target_true).strip()
             add(fill(subject_prompt, case.request.subject), true, case.request.subject)
     return sorted(out)

@@ -146,3 +146,20 @@ def test_weight_layout_is_read_from_the_module_type():
     assert to_weight_layout(llama, linear, torch.randn(48, 128)).shape == (48, 128)
     with pytest.raises(ValueError, match="shape"):
         to_weight_layout(llama, linear, torch.randn(128, 48))
+
+
+def test_a_request_without_subject_edits_at_the_prompts_last_token(edit_setup):
+    """subject None (an unlearning question): keys and targets at the prompt's last token, no
+    essence KL; MEMIT still raises P(target_new)."""
+    from editors.core.tokens import encode
+
+    arch, tok, net, stats = edit_setup
+    requests = [EditRequest(r.case_id, r.text, None, r.target_new, r.target_true) for r in REQUESTS]
+    enc = encode(tok, [r.prompt for r in requests], [None] * len(requests))
+    assert enc.subject_last.tolist() == (enc.lengths - 1).tolist()
+    delta = _editors(arch, stats)["memit"].apply(net, tok, requests)
+    with delta.applied(net):
+        after = _logprobs(net, tok)
+    assert bool((after > _logprobs(net, tok) + 0.1).all())
+    with pytest.raises(ValueError, match="without '\\{\\}'"):
+        EditRequest("x", "The capital of {} is", None, "Paris", None)

@@ -162,11 +162,13 @@ def _optimize_batch(
             subjects.append(request.subject)
             suffixes.append(ids[:-1])
             targets.append(ids)
-        texts.append(KL_PROMPT)
+        # (without a subject there is no "{subject} is a": the row is the prompt, its KL weighed 0)
+        texts.append(KL_PROMPT if request.subject is not None else request.prompt)
         subjects.append(request.subject)
         suffixes.append([])
         targets.append([])
     enc = encode(tokenizer, texts, subjects, suffixes)
+    has_kl = torch.tensor([r.subject is not None for r in requests], dtype=torch.float32, device=device)
     rows_per_req = n_tmpl + 1
     owner = torch.arange(n_req).repeat_interleave(rows_per_req)  # [R] (CPU, like all row bookkeeping)
     plain_rows = torch.arange(n_req) * rows_per_req  # template "{}" comes first
@@ -271,6 +273,7 @@ def _optimize_batch(
             kl_raw = torch.zeros(n_req, device=device).index_put(
                 (kl_req,), (kl_lp.exp() * (kl_lp - kl_init[kl_req])).sum(-1)
             )
+            kl_raw = kl_raw * has_kl
             kl = cfg.kl_factor * kl_raw
 
             wd = sum(

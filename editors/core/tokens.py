@@ -38,10 +38,11 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     templates: Sequence[str],
-    subjects: Sequence[str],
+    subjects: Sequence[str | None],
     suffixes: Sequence[Sequence[int]] | None = None,
 ) -> Encoded:
-    """Fill each template's ``{}`` with its subject, tokenize, and find the subject's last token.
+    """Fill each template's ``{}`` with its subject, tokenize, and find the subject's last token
+    (a subject None: the template is the whole text and its last token is the one found).
 
     ``suffixes`` (token ids, optional) are appended to each row after tokenization: the
     teacher-forced answer prefix of target-vector prompts, kept token-exact.
@@ -54,6 +55,10 @@ def encode(
         raise ValueError("templates and subjects differ in length")
     texts, ends = [], []
     for template, subject in zip(templates, subjects):
+        if subject is None:  # no subject span: the text's last token (before any suffix)
+            texts.append(template)
+            ends.append(len(template.rstrip()))
+            continue
         slot = template.find(SUBJECT_SLOT)
         if slot < 0:
             raise ValueError(f"prompt {template!r} has no '{{}}' for subject {subject!r}")
