@@ -3,6 +3,7 @@
 from editors.alphaedit import AlphaEditConfig
 from editors.come import ComeAlphaEditConfig, ComeMemitConfig, ComePmetConfig
 from editors.finetune import FineTuneConfig, FLearningConfig
+from editors.grace import GraceConfig
 from editors.memit import MemitConfig
 from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
@@ -22,4 +23,5 @@ CONFIG_SCHEMAS = {
     "unedited": UneditedConfig,
     "ft": FineTuneConfig,
     "f_learning": FLearningConfig,
+    "grace": GraceConfig,
 }
