@@ -8,6 +8,7 @@ from editors.memit import MemitConfig
 from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
 from editors.unedited import UneditedConfig
+from editors.wise import WiseConfig
 
 # Each editor's typed config, by the name its conf/editor/<name>.yaml uses as
 # `defaults: [/schema/editor@_here_: <name>]` (ConfigStore group schema/editor, never an editor option).
@@ -24,4 +25,5 @@ CONFIG_SCHEMAS = {
     "ft": FineTuneConfig,
     "f_learning": FLearningConfig,
     "grace": GraceConfig,
+    "wise": WiseConfig,
 }
