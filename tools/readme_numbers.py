@@ -117,8 +117,6 @@ LIFELONG = [
     ("CoME-MEMIT (batches of 10)", ["editor=come_memit"]),
     ("AlphaEdit (batches of 10)", ["editor=alphaedit"]),
     ("CoME-AlphaEdit (batches of 10)", ["editor=come_alphaedit"]),
-    ("MEMIT (one at a time)", ["editor=memit", "batch_size=1"]),
-    ("AlphaEdit (one at a time)", ["editor=alphaedit", "batch_size=1"]),
     ("GRACE (one at a time)", ["editor=grace", "batch_size=1"]),
     ("WISE (one at a time)", ["editor=wise", "batch_size=1"]),
 ]
