@@ -115,7 +115,7 @@ def build_tables(
         groups.setdefault((dataset, model), []).append(row)
     tables = []
     for (dataset, model), rows in sorted(groups.items()):
-        rows.sort(key=lambda r: (_order(r.method, names), str(r.path)))
+        rows.sort(key=lambda r: (_order(r.method, names), _job_index(r.path), str(r.path)))
         _disambiguate(rows)
         present = [c for c in layout.get("columns", {}) if any(c in r.metrics for r in rows)]
         table = PaperTable(dataset, model, present, rows)
@@ -141,14 +141,27 @@ def build_tables(
     return tables
 
 
+def _job_index(path: Path | None) -> int:
+    """A multirun job's number (its folder name starts ``<n>_``), so job 10 sorts after job 9."""
+    match = re.match(r"(\d+)_", path.parent.name) if path is not None else None
+    return int(match.group(1)) if match else -1
+
+
 def _disambiguate(rows: list[Row]) -> None:
-    """Rows with the same label get the folder they came from (e.g. two α values of one method)."""
-    counts: dict[str, int] = {}
+    """Rows with the same label get what sets them apart: the overrides in their Hydra job folder
+    names (``3_editor=memit,dataset.size=16``) that the other rows of that label do not share
+    (e.g. ``MEMIT [dataset.size=16]``), else the whole folder name."""
+    groups: dict[str, list[Row]] = {}
     for r in rows:
-        counts[r.label] = counts.get(r.label, 0) + 1
-    for r in rows:
-        if counts[r.label] > 1 and r.path is not None:
-            r.label = f"{r.label} [{r.path.parent.name}]"
+        groups.setdefault(r.label, []).append(r)
+    for label, same in groups.items():
+        if len(same) < 2 or any(r.path is None for r in same):
+            continue
+        tokens = [set(re.sub(r"^\d+_", "", r.path.parent.name).split(",")) for r in same]
+        shared = set.intersection(*tokens)
+        for r, own in zip(same, tokens):
+            distinct = sorted(own - shared)
+            r.label = f"{label} [{', '.join(distinct) if distinct else r.path.parent.name}]"
 
 
 def _protocol_notes(rows: Sequence[Row]) -> list[str]:

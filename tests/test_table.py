@@ -129,3 +129,25 @@ def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
     assert main([str(tmp_path), "--wandb"]) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_rows_of_one_method_are_told_apart_by_their_own_overrides_in_job_order(tmp_path):
+    for i, size in ((9, 1), (10, 16), (2, 4)):
+        _summary(tmp_path / f"{i}_editor=memit,dataset.size={size},model=toy", "memit", "zsre", "toy", ZS)
+    (table,) = build_tables(find_summaries([tmp_path]))
+    assert [r.label for r in table.rows] == [
+        "MEMIT [dataset.size=4]",
+        "MEMIT [dataset.size=1]",
+        "MEMIT [dataset.size=16]",
+    ]
+
+
+def test_a_sequential_table_shows_only_sequential_references(tmp_path):
+    path = _summary(tmp_path / "a", "alphaedit", "counterfact", "gpt-j", CF)
+    data = json.loads(path.read_text())
+    data["protocol"]["edit_mode"] = "sequential"
+    path.write_text(json.dumps(data))
+    (table,) = build_tables(find_summaries([tmp_path]))
+    assert [ref["id"] for ref, _ in table.references] == ["alphaedit-gptj-counterfact"]
+    alpha = next(r for r in table.references[0][1] if r.method == "alphaedit")
+    assert alpha.metrics["efficacy"]["mean"] == 99.75
