@@ -177,9 +177,3 @@ class EditorBase:
 
     def memory_knobs(self) -> Sequence[tuple[str, str]]:
         return self.MEMORY_KNOBS
-
-
-def ready(editor: Editor, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, **resources) -> Editor:
-    """``editor`` after :meth:`Editor.prepare` with ``Resources(**resources)`` (scripts, tests)."""
-    editor.prepare(model, tokenizer, Resources(**resources))
-    return editor
