@@ -1,9 +1,10 @@
 """Text corpora for covariance statistics, by id: ``wikitext2`` (bundled), ``file:<path>``,
-``hf:<dataset path>[/<config>]`` (streamed with HF datasets; needs the network on first use)."""
+``hf:<dataset path>[/<config>]`` (streamed with HF datasets; needs the network on first use), and
+``training``: the sentences a locally trained model (the toy) was trained on, one document each."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from runner.datasets import bundled_path
@@ -31,8 +32,17 @@ def _hf_texts(spec: str) -> Iterator[str]:
         yield record["text"]
 
 
-def corpus_texts(corpus: str) -> Callable[[], Iterable[str]]:
-    """A re-iterable source of documents for ``corpus``; a clear error for an unknown id."""
+def corpus_texts(corpus: str, training: Sequence[str] = ()) -> Callable[[], Iterable[str]]:
+    """A re-iterable source of documents for ``corpus``; a clear error for an unknown id.
+    ``training``: the model's own training sentences, for ``corpus="training"``."""
+    if corpus == "training":
+        if not training:
+            raise ValueError(
+                "stats.corpus=training needs a model trained here (model=toy); "
+                "for this model use stats=wikitext2, stats=wikipedia or stats.corpus=file:<path>"
+            )
+        texts = tuple(training)
+        return lambda: iter(texts)
     if corpus in ("wikitext2", "wikitext"):
         path = bundled_path("wikitext2")
         return lambda: _paragraphs(path)
@@ -45,5 +55,5 @@ def corpus_texts(corpus: str) -> Callable[[], Iterable[str]]:
         spec = corpus[len("hf:") :]
         return lambda: _hf_texts(spec)
     raise ValueError(
-        f"unknown stats.corpus {corpus!r}: expected wikitext2, file:<path> or hf:<dataset>[/<config>]"
+        f"unknown stats.corpus {corpus!r}: expected wikitext2, training, file:<path> or hf:<dataset>[/<config>]"
     )

@@ -184,6 +184,9 @@ class ModelConfig:
     n_layers: int = 2
     edit_layers: list[int] = field(default_factory=lambda: [0, 1])
     edit_layer: int = 1
+    # The covariance corpus of ``stats=model`` (the default): a stats.corpus id. The toy's is
+    # ``training``, the sentences it was trained on (its "pretraining corpus", as Wikipedia is GPT-J's).
+    stats_corpus: str = "wikitext2"
 
 
 def _as_config(cfg: Any) -> ModelConfig:
@@ -254,6 +257,7 @@ class LoadedModel:
     device: torch.device
     trained: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    training_texts: tuple[str, ...] = ()  # the toy's training sentences (stats.corpus=training); () otherwise
 
 
 def load_model(
@@ -665,6 +669,7 @@ def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, s
         device=_device_of(model),
         trained=trained,
         info=info,
+        training_texts=tuple(f.text for f in facts + extra),
     )
 
 

@@ -102,7 +102,7 @@ def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
         loaded.tokenizer,
         f"{loaded.model_id}@{loaded.revision}",
         stats_cfg,
-        corpus_texts(stats_cfg.corpus),
+        corpus_texts(stats_cfg.corpus, loaded.training_texts),
         Path(cfg.paths.cache_dir),
         progress=cfg.progress,
     )

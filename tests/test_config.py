@@ -67,6 +67,13 @@ def test_per_pair_settings_override_method_defaults():
     assert _compose("model=gpt-j", "editor=rome").editor.layer == 5
 
 
+def test_default_statistics_are_the_models_own_corpus():
+    assert _compose("model=toy").stats.corpus == "training"  # the sentences the toy was trained on
+    for model in ("gpt2-xl", "gpt-j", "llama3", "tiny-gpt2"):
+        assert _compose(f"model={model}").stats.corpus == "wikitext2"
+    assert _compose("model=toy", "stats=wikitext2").stats.corpus == "wikitext2"
+
+
 def test_unknown_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException) as info:
         _compose("editor.update_wieght=3")

@@ -245,6 +245,8 @@ def test_toy_trains_then_loads_from_cache(tmp_path: Path) -> None:
     assert 0.0 <= first.info["recall"]["exact"] <= 1.0
     second = load_model(cfg, cases=cases, cache_dir=tmp_path, seed=0)
     assert not second.trained
+    # its training sentences (stats.corpus=training), the same whether trained or loaded
+    assert first.training_texts == second.training_texts == tuple(f.text for f in facts + extra)
     assert second.revision == first.revision and second.info["path"] == first.info["path"]
     for (n, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), n

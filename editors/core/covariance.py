@@ -38,7 +38,7 @@ class MissingStatisticsError(RuntimeError):
 class StatsConfig:
     """How covariance statistics are collected (reference: mom2_dataset, mom2_n_samples, mom2_dtype)."""
 
-    corpus: str = "wikitext2"  # corpus id: wikitext2 (bundled), hf:<path>[/<config>], file:<path>
+    corpus: str = "wikitext2"  # corpus id: wikitext2 (bundled), training (the toy's sentences), hf:<path>[/<config>], file:<path>
     n_samples: int = 100000  # documents read (reference: 100,000 Wikipedia articles)
     max_length: int | None = None  # tokens kept per document; None: the model's context length
     dtype: str = "float32"  # accumulation dtype (reference: float32)
