@@ -35,12 +35,22 @@ from transformers import PreTrainedTokenizerBase
 
 from editors import checks
 from editors.base import EditorBase
-from editors.core.tokens import Encoded, answer_ids, encode, model_device
+from editors.core.tokens import answer_ids, model_device
 from editors.delta import WeightDelta, WeightHandle
 from editors.requests import EditRequest
 from editors.spec import ModelSpec
+from editors.training import (
+    OBJECTIVES,
+    SSS_REDUCTIONS,
+    AnswerBatch,
+    LoopConfig,
+    answer_batch,
+    answer_logits,
+    answer_nll,
+    fit,
+    mix_sss,
+)
 
-OBJECTIVES = ("prompt_last", "target_tokens")
 MODULES = ("mlp_out", "layer")
 
 
@@ -65,6 +75,8 @@ class FineTuneConfig:
     )
     norm_constraint: float | None = None  # ε of the L∞ clamp around the original weights (FT-L); null: none
     loss_floor: float = 0.01  # no step below this batch loss; stop when an epoch's mean is below it
+    sss_coefficient: float = 0.0  # C of SSS: loss = (1 − C)·L + C·‖∂L/∂H‖² (0: off; editor=ft_l_sss: 0.9)
+    sss_reduction: str = "sum"  # sum (the release) | mean (over loss-bearing positions)
 
     def __post_init__(self) -> None:
         checks.layer_list("editor.layers", self.layers)
@@ -78,6 +90,8 @@ class FineTuneConfig:
             checks.fail("editor.wd_power_law", "[a, b] or null", list(self.wd_power_law))
         checks.positive("editor.norm_constraint", self.norm_constraint, optional=True)
         checks.non_negative("editor.loss_floor", self.loss_floor)
+        checks.fraction("editor.sss_coefficient", self.sss_coefficient, low_open=False)
+        checks.one_of("editor.sss_reduction", self.sss_reduction, SSS_REDUCTIONS)
 
 
 @dataclass
@@ -93,24 +107,6 @@ class FLearningConfig(FineTuneConfig):
         if self.forget_num_steps is not None:
             checks.non_negative("editor.forget_num_steps", self.forget_num_steps)
         checks.positive("editor.forget_lr", self.forget_lr, optional=True)
-
-
-@dataclass
-class _Batch:
-    enc: Encoded
-    positions: torch.Tensor  # [B, K]: where logits are read (K = 1 for prompt_last)
-    gold: torch.Tensor  # [B, W]: the answer token expected at each read
-    mask: torch.Tensor  # [B, W]: 1 for real answer tokens
-
-    @property
-    def size(self) -> int:
-        return int(self.gold.shape[0])
-
-
-def _lm_head_logits(model, enc, positions):
-    out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-    rows = torch.arange(enc.input_ids.shape[0], device=enc.input_ids.device)
-    return out.logits[rows[:, None], positions].float()
 
 
 class FineTune(EditorBase):
@@ -165,76 +161,54 @@ class FineTune(EditorBase):
         cfg = self.config
         params = self.parameters(model)
         originals = {n: p.detach().clone() for n, p in params.items()}
-        flags = {n: p.requires_grad for n, p in model.named_parameters()}
         device = model_device(model)
-        opt = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=self.weight_decay(len(prompts)))
         targets = [answer_ids(tokenizer, " " + a) for a in answers]
         batches = [  # tokenised once: every epoch feeds the same batches
-            self._batch(
-                tokenizer, prompts[lo : lo + cfg.batch_size], targets[lo : lo + cfg.batch_size], device
+            answer_batch(
+                tokenizer,
+                prompts[lo : lo + cfg.batch_size],
+                targets[lo : lo + cfg.batch_size],
+                cfg.objective,
+                device,
             )
             for lo in range(0, len(prompts), cfg.batch_size)
         ]
-        steps, last_mean = 0, float("nan")
+        loop = LoopConfig(
+            epochs=num_steps,
+            lr=lr,
+            weight_decay=self.weight_decay(len(prompts)),
+            loss_floor=cfg.loss_floor,
+        )
+
+        def clamp() -> None:  # FT-L: each element stays within ε of its original value
+            if cfg.norm_constraint is not None:
+                eps = cfg.norm_constraint
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(torch.clamp(p, originals[n] - eps, originals[n] + eps))
+
         try:
-            for name, p in model.named_parameters():
-                p.requires_grad_(name in params)
-            for _epoch in range(num_steps):
-                losses, weights = [], []
-                for batch in batches:
-                    loss = self._loss(model, batch)
-                    value = float(loss.detach())
-                    losses.append(value)
-                    weights.append(batch.size)
-                    opt.zero_grad(set_to_none=True)
-                    if value >= cfg.loss_floor:
-                        loss.backward()
-                        opt.step()
-                        steps += 1
-                    if cfg.norm_constraint is not None:
-                        eps = cfg.norm_constraint
-                        with torch.no_grad():
-                            for n, p in params.items():
-                                p.copy_(torch.clamp(p, originals[n] - eps, originals[n] + eps))
-                last_mean = float(np.average(losses, weights=weights))
-                if last_mean < cfg.loss_floor:
-                    break
+            report = fit(params, self._loss_fn(model), batches, loop, model=model, after_step=clamp)
             deltas = {n: (p.detach() - originals[n]).float() for n, p in params.items()}
         finally:
-            opt.zero_grad(set_to_none=True)
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags[name])
             WeightHandle(model, originals).restore()
-        return deltas, {"ft_steps": float(steps), "ft_final_loss": last_mean}
+        return deltas, {"ft_steps": float(report.steps), "ft_final_loss": report.final_loss}
 
-    def _batch(self, tokenizer, prompts, targets, device) -> _Batch:
-        """Inputs of one batch: the tokens fed, the positions whose logits the loss reads, and the
-        answer token expected from each read (``mask`` marks the real ones)."""
-        templates, subjects = zip(*prompts)
-        n_answer = torch.tensor([len(t) for t in targets], device=device)
-        width = int(n_answer.max())
-        offsets = torch.arange(width, device=device)
-        mask = (offsets[None, :] < n_answer[:, None]).float()
-        if self.config.objective == "prompt_last":
-            # every answer token is read from the distribution at the last prompt token
-            enc = encode(tokenizer, templates, subjects).to(device)
-            positions = (enc.lengths - 1)[:, None]
-            gold = torch.zeros((len(targets), width), dtype=torch.long, device=device)
-            for i, t in enumerate(targets):
-                gold[i, : len(t)] = torch.tensor(t)
-        else:  # teacher forcing: answer token j is read at the position before it
-            enc = encode(tokenizer, templates, subjects, suffixes=targets).to(device)
-            start = enc.lengths - n_answer - 1  # the position predicting the first answer token
-            positions = (start[:, None] + offsets).clamp(min=0)
-            gold = enc.input_ids.gather(1, (positions + 1).clamp(max=enc.input_ids.shape[1] - 1))
-        return _Batch(enc, positions, gold, mask)
+    def _loss_fn(self, model: torch.nn.Module):
+        """The loss of one batch: the mean over requests of their answer NLL, mixed with SSS when
+        ``sss_coefficient`` > 0 (every step, as the seed describes FT-L w/ SSS)."""
+        cfg = self.config
+        use_sss = cfg.sss_coefficient > 0
 
-    def _loss(self, model, batch: _Batch) -> torch.Tensor:
-        """Mean over requests of the mean NLL of their answer tokens."""
-        logp = torch.log_softmax(_lm_head_logits(model, batch.enc, batch.positions), dim=-1)
-        logp = logp.expand(-1, batch.gold.shape[1], -1)  # prompt_last: one position for all tokens
-        nll = -(logp.gather(2, batch.gold[..., None])[..., 0] * batch.mask).sum(1) / batch.mask.sum(1)
-        return nll.mean()
+        def loss(batch: AnswerBatch) -> torch.Tensor:
+            logits, hidden = answer_logits(model, batch, hidden=use_sss)
+            nll = answer_nll(logits, batch).mean()
+            if not use_sss:
+                return nll
+            reads = batch.size if cfg.objective == "prompt_last" else int(batch.mask.sum())
+            return mix_sss(nll, hidden, cfg.sss_coefficient, cfg.sss_reduction, positions=reads)
+
+        return loss
 
     def apply(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
