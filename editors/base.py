@@ -3,7 +3,7 @@
 An editor is built from ``(config, spec)`` and then, once, on the unedited model::
 
     editor = Cls(config, spec)
-    needs = editor.requirements()           # Covariance / Projector: made or loaded by the runner
+    needs = editor.requirements()           # Covariance / Projector / Artifact: made or loaded by the runner
     editor.prepare(model, tokenizer, Resources(stats=..., targets=..., progress=...))
     edit = editor.apply(model, tokenizer, requests)   # leaves ``model`` as it found it
     handle = edit.attach(model)             # the edited model is handle.model
@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -58,7 +59,31 @@ class Projector:
     threshold: float
 
 
-Requirement = Covariance | Projector
+@dataclass(frozen=True)
+class Artifact:
+    """A component the editor trains before it can edit (MEND's hypernetwork, SERAC's scope
+    classifier and counterfactual model), stored content-addressed under
+    ``paths.cache_dir/artifacts/``. ``recipe``: canonical JSON (:func:`recipe_json`) of every
+    setting its weights depend on besides the model; ``data``: canonical JSON of the dataset config
+    of its training cases (``None``: it needs none). The runner keys it by the model id and
+    revision, ``name``, ``recipe`` and the training file's sha256; loads it when it exists, else
+    (``train_artifacts=true``, or ``task=prepare``) loads the cases and calls
+    :meth:`EditorBase.train_artifact`; and hands its folder to ``prepare`` in
+    ``Resources.artifacts[name]``."""
+
+    name: str
+    recipe: str
+    data: str | None = None
+
+
+def recipe_json(payload: Any) -> str:
+    """Canonical JSON of a recipe (dataclasses become dicts, keys sorted) for :class:`Artifact`."""
+    if is_dataclass(payload) and not isinstance(payload, type):
+        payload = asdict(payload)
+    return json.dumps(payload, sort_keys=True, default=str)
+
+
+Requirement = Covariance | Projector | Artifact
 
 
 def covariance_modules(requirements: Sequence[Requirement]) -> list[str]:
@@ -73,6 +98,7 @@ class Resources:
     stats: SecondMoments | None = None  # covariance (and projectors) of the unedited model
     targets: TargetCache | None = None  # on-disk cache of target vectors (None: no caching)
     progress: bool = False  # show progress bars on long steps
+    artifacts: dict[str, Path] = field(default_factory=dict)  # Artifact.name -> its folder
 
 
 @runtime_checkable
@@ -149,6 +175,29 @@ class EditorBase:
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, resources: Resources
     ) -> None:
         self.resources = resources
+
+    def train_artifact(
+        self,
+        artifact: Artifact,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        cases: Sequence[Any],
+        folder: Path,
+        checkpoints: Path,
+    ) -> dict[str, Any]:
+        """Train ``artifact`` on the unedited ``model`` from ``cases`` (its training split) and
+        write it into ``folder``; ``checkpoints`` is a folder kept across interrupted runs (resume
+        from it). Returns a JSON-able report (steps, seconds, validation curve), kept beside it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} names artifact {artifact.name!r} but cannot train it"
+        )
+
+    def artifact(self, name: str) -> Path:
+        """The folder of a prepared artifact (``prepare`` has run)."""
+        try:
+            return self.resources.artifacts[name]
+        except KeyError:
+            raise RuntimeError(f"artifact {name!r} was not prepared (the runner's prepare step)") from None
 
     def record(self, requests: Sequence[EditRequest]) -> None:
         """Note that ``requests`` were applied (call at the end of ``apply``)."""

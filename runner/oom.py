@@ -48,6 +48,7 @@ KNOBS: dict[str, tuple[Knob, ...]] = {
 STAGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "load": ("loading the model", ("model",)),
     "stats": ("computing covariance statistics", ("stats", "model")),
+    "prepare": ("training the editor's artifacts (task=prepare)", ("edit", "model")),
     "edit": ("computing the edit", ("edit", "model")),
     "eval": ("scoring the probes", ("eval", "model")),
     "generation": ("generating text", ("generation", "model")),

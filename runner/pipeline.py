@@ -7,6 +7,7 @@ it attaches the returned Edit and restores the model itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import subprocess
@@ -25,13 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from editors.base import Projector, Resources, covariance_modules
+from editors.base import Artifact, Projector, Resources, covariance_modules
 from editors.core.covariance import SecondMoments, StatsConfig
 from editors.core.targets import TargetCache
 from evaluation.aggregate import add_prefix, aggregate_by_prefix
 from evaluation.cases import EditCase
 from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
+from runner.artifacts import ArtifactMissing, ArtifactStore
 from runner.corpus import corpus_texts
 from runner.datasets import DatasetError, LoadedDataset, load_from_config
 from runner.environment import run_environment
@@ -94,6 +96,39 @@ def prepare_requirements(editor: Any, stats: SecondMoments) -> dict[str, str]:
     return files
 
 
+def prepare_artifacts(
+    editor: Any, loaded: LoadedModel, store: ArtifactStore, data_cache: Path | None = None
+) -> dict[str, Path]:
+    """Load, or train on the unedited model, every :class:`Artifact` the editor names; their folders
+    by name. An artifact's training cases are loaded from its dataset config (``Artifact.data``)."""
+    folders: dict[str, Path] = {}
+    for need in editor.requirements():
+        if not isinstance(need, Artifact):
+            continue
+        data = None
+        if need.data is not None:
+            data = load_from_config(json.loads(need.data), cache_dir=data_cache)
+        cases = list(data.cases) if data is not None else []
+
+        def train(folder: Path, checkpoints: Path, need=need, cases=cases) -> dict[str, Any]:
+            report = editor.train_artifact(need, loaded.model, loaded.tokenizer, cases, folder, checkpoints)
+            return {**report, "n_train_cases": len(cases)}
+
+        folders[need.name] = store.get(need, data.sha256 if data is not None else None, train)
+    return folders
+
+
+def _prepare_command(cfg: DictConfig) -> str:
+    """The command that makes this run's artifacts (named when one is missing)."""
+    parts = ["python run.py task=prepare"]
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        parts += [
+            f"{group}={choices[group]}" for group in ("editor", "model", "dataset") if choices.get(group)
+        ]
+    return " ".join(parts)
+
+
 def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
     stats_cfg = OmegaConf.to_object(cfg.stats)
     assert isinstance(stats_cfg, StatsConfig)
@@ -153,8 +188,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "save_model=true needs edit_mode=sequential (batch mode restores the model after every batch)"
         )
-    if cfg.task not in ("edit", "stats"):
-        raise ConfigError(f"task must be 'edit' or 'stats', got {cfg.task!r}")
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+
+
+TASKS = ("edit", "stats", "prepare")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -221,14 +259,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else None
     )
     editor = build_editor(cfg.editor, loaded)
-    if cfg.task == "stats":  # computing them is what was asked for
+    if cfg.task in ("stats", "prepare"):  # computing them is what was asked for
         stats.cfg = replace(stats.cfg, allow_compute=True)
     with explain_oom("stats", cfg):  # before any edit, so their time is not the first batch's
         files = prepare_requirements(editor, stats)
     if cfg.task == "stats":
         return {"statistics": files}
+    store = ArtifactStore(
+        cache_dir / "artifacts",
+        loaded.model_id,
+        loaded.revision,
+        allow_train=bool(cfg.train_artifacts) or cfg.task == "prepare",
+        command=_prepare_command(cfg),
+    )
+    with explain_oom("prepare", cfg):
+        try:
+            artifacts = prepare_artifacts(editor, loaded, store, data_cache)
+        except ArtifactMissing as exc:
+            raise ConfigError(str(exc)) from None
+    if cfg.task == "prepare":
+        return {"statistics": files, "artifacts": {name: str(path) for name, path in artifacts.items()}}
     editor.prepare(
-        loaded.model, loaded.tokenizer, Resources(stats=stats, targets=cache, progress=cfg.progress)
+        loaded.model,
+        loaded.tokenizer,
+        Resources(stats=stats, targets=cache, progress=cfg.progress, artifacts=artifacts),
     )
 
     name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-{dataset.name}"

@@ -40,6 +40,7 @@ NOT_SHAPING = (
     "save_model",  # whether the edited model is also written out
     "tiny_batch_size",  # only feeds batch_size (+size=tiny), which is compared itself
     "cache_targets",  # reuse of target vectors computed by an identical earlier edit
+    "train_artifacts",  # whether a missing artifact may be trained (the same one either way)
     "model.device",  # placement
     "model.device_map",
     "dataset.cache_dir",  # where downloads are kept

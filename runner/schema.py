@@ -53,7 +53,8 @@ class PathsConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "edit"  # edit | stats (compute covariance statistics only)
+    task: str = "edit"  # edit | stats (covariance statistics only) | prepare (statistics and trained artifacts)
+    train_artifacts: bool = True  # train a missing artifact on first use; false: fail naming task=prepare
     seed: int = 0
     edit_mode: str = "batch"  # batch: weights restored between batches | sequential: edits accumulate
     batch_size: int = 10  # edits per batch (the reference's --num_edits)
