@@ -16,6 +16,12 @@ Per probe set (``rewrite`` -> ``efficacy``, ``paraphrase`` -> ``generality``,
 For locality the probe's target is the OLD object, so "success" already means that the old
 object still wins; nothing is special-cased by name.
 
+The locality and portability probe sets of Yao et al. (2023), as the SSS paper (seed 002, section
+7) names them, are probe sets like any other (``runner.datasets`` builds them from the record
+fields); :data:`SSS_PROBE_METRICS` maps each paper name to its metric. Pre-Neighbor is the
+ordinary neighbourhood set (``locality``) and Post-Neighbor CounterFact's attribute prompts
+(``attribute``): neither is scored twice under a second name.
+
 ``fluency`` and ``consistency`` are per-case metrics of sampled generations
 (``evaluation.generation.GenerationMetrics``).
 """
@@ -34,6 +40,7 @@ __all__ = [
     "METRICS",
     "PREFIXES",
     "PROBE_SET_METRIC",
+    "SSS_PROBE_METRICS",
     "SUFFIXES",
     "MetricInfo",
     "MetricRegistry",
@@ -188,6 +195,50 @@ def _register_probe_set(base: str, description: str = "") -> None:
 _register_probe_set("efficacy", "rewrite prompts: P(new) > P(old) (CounterFact) / token accuracy (zsRE)")
 _register_probe_set("generality", "paraphrase prompts: P(new) > P(old) / token accuracy")
 _register_probe_set("locality", "neighborhood prompts: P(old) > P(new) / token accuracy")
+
+# The locality and portability sets of Yao et al. 2023 (EasyEdit), as the SSS paper evaluates them
+# (seed 002, sections 7.1-7.2; bundled as dataset=cf_distract_neighbor, cf_one_hop, cf_subject_replace,
+# zsre_subject_replace, zsre_reversed_relation). All higher is better. "P(a) > P(b)": the
+# CounterFact pairwise comparison of the probe's target a with its foil b; "token accuracy": the
+# teacher-forced top-1 accuracy of the answer's tokens (zsRE / EasyEdit portability).
+_register_probe_set(
+    "attribute",
+    "Post-Neighbor: attribute prompts, other subjects whose TRUE object is the new one: P(new) > P(old)",
+)
+_register_probe_set(
+    "distract_neighbor",
+    "Distract-Neighbor: the edit statement with the new object, then a neighbourhood prompt: P(old) > P(new)",
+)
+_register_probe_set(
+    "unrelated_attribute",
+    "Unrelated Attributes: another attribute of the edited subject (question -> its unchanged "
+    "object): token accuracy of that object",
+)
+_register_probe_set(
+    "subject_replace",
+    "Subject Replace: the edit prompt with an alias of the subject: P(new) > P(old) (CounterFact) / "
+    "token accuracy of the new object (zsRE)",
+)
+_register_probe_set(
+    "reversed_relation",
+    "Reversed Relation: the relation asked the other way round about the new object: token "
+    "accuracy of the subject (zsRE)",
+)
+_register_probe_set(
+    "one_hop",
+    "One-Hop: a question whose answer follows from the new object: token accuracy of that answer",
+)
+
+#: The SSS paper's names of the probe sets (Tables 3 and 5) -> the metric each is reported under.
+SSS_PROBE_METRICS: dict[str, str] = {
+    "Pre-Neighbor": "locality",  # the neighbourhood prompts themselves (label: the old object)
+    "Post-Neighbor": "attribute",  # CounterFact's attribute prompts (label: the new object)
+    "Distract-Neighbor": "distract_neighbor",
+    "Unrelated Attributes": "unrelated_attribute",
+    "Subject Replace": "subject_replace",
+    "Reversed Relation": "reversed_relation",
+    "One-Hop": "one_hop",
+}
 register_metric(
     "score",
     aggregation="harmonic_mean",

@@ -12,6 +12,22 @@ Nothing downstream knows the source format. Three record schemas are understood:
 * ``mend``: zsRE as released by MEND and used by ROME/MEMIT (``zsre_mem_eval.json``): ``subject``,
   ``src``, ``pred``, ``rephrase``, ``alt``, ``answers``, ``loc``, ``loc_ans`` (+ optional ``portability``).
 
+Optional fields become extra probe sets (``case.probes[name]``, each scored under its own metric
+name; ``evaluation.metrics.SSS_PROBE_METRICS``): the locality and portability sets of Yao et al.
+(2023) that the SSS paper (seed 002, section 7) evaluates on, bundled as ``cf_distract_neighbor``,
+``cf_one_hop``, ``cf_subject_replace``, ``zsre_subject_replace`` and ``zsre_reversed_relation``.
+
+* ``rome``: ``attribute_prompts`` -> ``attribute`` (other subjects whose true object is the NEW one:
+  SSS's Post-Neighbor), ``distracting_neighborhood_prompts`` -> ``distract_neighbor`` (old object
+  wins), ``unrelated_relation`` {question, object} -> ``unrelated_attribute`` (token accuracy of the
+  unchanged object), ``alternative_subject`` -> ``subject_replace`` (the rewrite prompt with the
+  alias: new object wins), ``portability`` {New Question, New Answer} -> ``one_hop`` (token accuracy).
+* ``mend``: ``alter_subject_question`` -> ``subject_replace`` (token accuracy of the new object),
+  ``inverse question`` -> ``reversed_relation`` (token accuracy of the subject; written for the
+  ``alt`` object, so scored only with ``target_field=alt``), ``portability`` -> ``portability``
+  (likewise). ``loc``/``loc_ans`` may both be absent (the probe files have none): no
+  ``neighborhood`` set then, so no Locality and no Score.
+
 Files are a JSON list of records or JSONL (one record per line). Every malformed record raises
 :class:`InvalidRecordError` with a one-line message naming the file, the record and the problem, or is
 skipped and counted with ``on_invalid="skip"``.
@@ -34,6 +50,7 @@ from editors.requests import SUBJECT_SLOT, EditRequest, fill
 from evaluation.cases import EditCase, Probe
 
 __all__ = [
+    "BUNDLED_DATASETS",
     "BUNDLED_FILES",
     "DOWNLOAD_URLS",
     "SCHEMAS",
@@ -64,9 +81,22 @@ BUNDLED_FILES: dict[str, str] = {
     "counterfact": "multi_counterfact_sample.json",  # full ROME/MEMIT schema (the papers' protocol)
     "counterfact_easyedit": "counterfact_sample.json",  # EasyEdit schema (1 paraphrase, 1 neighbour)
     "zsre": "zsre_sample.json",
+    # The locality/portability sets of Yao et al. 2023 (EasyEdit) as the SSS paper uses them, whole:
+    "cf_distract_neighbor": "probes/counterfact_distracting_neighbor.json",  # 804 records
+    "cf_one_hop": "probes/counterfact_portability_gpt4.json",  # 1,031 records
+    "cf_subject_replace": "probes/counterfact_subject_replace.json",  # 213 records
+    "zsre_subject_replace": "probes/zsre_subject_replace.json",  # 293 records
+    "zsre_reversed_relation": "probes/zsre_inverse_relation.json",  # 385 records
     "wikitext2": "wikitext2_test.txt",
 }
-_BUNDLED_ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "cf": "counterfact"}
+#: The bundled files that are datasets of edit cases (not text corpora).
+BUNDLED_DATASETS = tuple(name for name in BUNDLED_FILES if name != "wikitext2")
+_BUNDLED_ALIASES = {
+    "wikitext": "wikitext2",
+    "wikitext-2": "wikitext2",
+    "cf": "counterfact",
+    "zsre_inverse_relation": "zsre_reversed_relation",
+}
 
 #: Public full files, fetched only with ``download=True``.
 DOWNLOAD_URLS: dict[str, str] = {
@@ -81,7 +111,8 @@ _SCHEMA_FIELDS = {
     "relation_id}, paraphrase_prompts, neighborhood_prompts, attribute_prompts, generation_prompts",
     "easyedit": "case_id (optional), prompt, subject, target_new, ground_truth, rephrase_prompt, "
     "locality_prompt, locality_ground_truth",
-    "mend": "subject, src, pred, rephrase, alt, answers, loc, loc_ans (+ portability)",
+    "mend": "subject, src, pred, rephrase, alt, answers, loc, loc_ans (+ portability, alter_subject_question, "
+    "inverse question)",
 }
 
 
@@ -173,7 +204,8 @@ class LoadedDataset:
 
 
 def bundled_path(name: str) -> Path:
-    """Path of a file shipped in ``runner/data``: ``counterfact``, ``zsre`` or ``wikitext2``."""
+    """Path of a file shipped in ``runner/data``: one of :data:`BUNDLED_FILES` (``counterfact``,
+    ``zsre``, the probe sets ``cf_distract_neighbor``..., ``wikitext2``)."""
     key = _BUNDLED_ALIASES.get(name, name)
     if key not in BUNDLED_FILES:
         raise ValueError(f"no bundled file named {name!r}; bundled: {sorted(BUNDLED_FILES)}")
@@ -205,7 +237,7 @@ def load_cases(
     """Load ``name`` as a list of :class:`EditCase`.
 
     ``path`` given: read that file (``name`` is then only a label). ``path`` None: the bundled offline
-    sample of ``name`` (``counterfact``/``zsre``), or with ``download=True`` the public full file
+    file of ``name`` (one of :data:`BUNDLED_DATASETS`), or with ``download=True`` the public full file
     (``counterfact``, ``multi_counterfact``/``mcf``, ``zsre``; ``download_name`` when it differs from
     ``name``), fetched once into ``cache_dir``.
     ``size`` keeps the first N valid cases. ``schema`` is ``auto`` or one of :data:`SCHEMAS`.
@@ -222,9 +254,9 @@ def load_cases(
         file, source = _fetch(download_name or name, cache_dir)
     else:
         key = _BUNDLED_ALIASES.get(name, name)
-        if key not in ("counterfact", "counterfact_easyedit", "zsre"):
+        if key not in BUNDLED_DATASETS:
             raise ValueError(
-                f"dataset {name!r} has no bundled sample (bundled: counterfact, counterfact_easyedit, zsre); "
+                f"dataset {name!r} has no bundled sample (bundled: {', '.join(BUNDLED_DATASETS)}); "
                 "pass dataset.path=FILE"
                 + (" or dataset.download=true" if _DOWNLOAD_ALIASES.get(name, name) in DOWNLOAD_URLS else "")
             )
@@ -460,8 +492,21 @@ def _convert_rome(rec: Mapping, case_id: str, index: int, target_field: str) -> 
         "paraphrase": tuple(Probe(p, target=new, foil=true) for p in paraphrases),
         "neighborhood": tuple(Probe(p, target=true, foil=new) for p in neighbors),
     }
-    if attributes:
+    if attributes:  # other subjects whose TRUE object is the new one: SSS's Post-Neighbor
         probes["attribute"] = tuple(Probe(p, target=new, foil=true) for p in attributes)
+    # The locality/portability sets of Yao et al. 2023 (the SSS paper's section 7), when present.
+    distracting = _text_list(rec, "distracting_neighborhood_prompts", required=False)
+    if distracting:  # the edit statement (NEW object) before a neighbourhood prompt: old must win
+        probes["distract_neighbor"] = tuple(Probe(p, target=true, foil=new) for p in distracting)
+    if "unrelated_relation" in rec:  # another attribute of the subject: must not change
+        probes["unrelated_attribute"], unrelated_ids = _unrelated(rec["unrelated_relation"])
+    if "alternative_subject" in rec:  # the rewrite prompt with an alias of the subject: new must win
+        alias = _text(rec, "alternative_subject").strip()
+        probes["subject_replace"] = (Probe(fill(template, alias), target=new, foil=true),)
+    if "portability" in rec:  # a question whose answer follows from the NEW object
+        one_hop, relations = _portability(rec["portability"])
+        if one_hop:
+            probes["one_hop"] = one_hop
     meta: dict[str, object] = {
         "schema": "rome",
         "record_index": index,
@@ -472,6 +517,12 @@ def _convert_rome(rec: Mapping, case_id: str, index: int, target_field: str) -> 
     }
     if "pararel_idx" in rec:
         meta["pararel_idx"] = rec["pararel_idx"]
+    if "unrelated_relation" in rec:
+        meta["unrelated_relation"] = unrelated_ids[0] if len(unrelated_ids) == 1 else unrelated_ids
+    if "alternative_subject" in rec:
+        meta["alternative_subject"] = alias
+    if "portability" in rec:
+        meta["recalled_relation"] = relations[0] if len(relations) == 1 else relations
     subjects = _neighborhood_subjects(rec.get("neighborhood_samples"), neighbors)
     if subjects is not None:
         meta["neighborhood_subjects"] = subjects
@@ -557,14 +608,17 @@ def _convert_mend(rec: Mapping, case_id: str, index: int, target_field: str) -> 
         new = _target(rec, "alt")
     pred = _target(rec, "pred")
     rephrases = _text_or_list(rec, "rephrase")
-    loc = _text(rec, "loc")
-    loc_ans = _target(rec, "loc_ans")
+    loc = loc_ans = None
+    if "loc" in rec or "loc_ans" in rec:  # both or neither (the portability files have neither)
+        loc = _text(rec, "loc")
+        loc_ans = _target(rec, "loc_ans")
 
     probes = {
         "rewrite": (Probe(src, target=new),),
         "paraphrase": tuple(Probe(p, target=new) for p in rephrases),
-        "neighborhood": (Probe(loc + "?", target=loc_ans),),
     }
+    if loc is not None:
+        probes["neighborhood"] = (Probe(loc + "?", target=loc_ans),)
     meta: dict[str, object] = {
         "schema": "mend",
         "record_index": index,
@@ -587,6 +641,25 @@ def _convert_mend(rec: Mapping, case_id: str, index: int, target_field: str) -> 
         elif port_probes:
             meta["portability_dropped"] = "written for the 'alt' object; use target_field=alt to score it"
         meta["recalled_relation"] = relations[0] if len(relations) == 1 else relations
+    # The portability sets of Yao et al. 2023 (the SSS paper's section 7.2), when present.
+    if "alter_subject_question" in rec:
+        # The edit's question about an alias of the subject: its answer is the new object, whichever
+        # field that is (the question does not name the object).
+        question = _text(rec, "alter_subject_question")
+        probes["subject_replace"] = (Probe(question, target=new),)
+        if isinstance(rec.get("alternative_subject"), str):
+            meta["alternative_subject"] = rec["alternative_subject"]
+    if "inverse question" in rec:
+        # The relation asked the other way round ABOUT the new object ("Who is Marian Clairmont's
+        # sister?" for the edit Claire Clairmont's sister -> Marian Clairmont): the answer is the
+        # subject. The question names ``alt``, so it is scored only when ``alt`` is the new object.
+        question = _text(rec, "inverse question")
+        if target_field == "alt":
+            probes["reversed_relation"] = (Probe(question, target=subject.strip()),)
+        else:
+            meta["reversed_relation_dropped"] = (
+                "written for the 'alt' object; use target_field=alt to score it"
+            )
     return EditCase(
         request=_request(case_id, template, subject, new, None),
         probes=probes,
@@ -740,6 +813,23 @@ def _portability(value: object) -> tuple[tuple[Probe, ...], list[object]]:
         answer = _target(item, "New Answer", f"{label}.New Answer")
         probes.append(Probe(question, target=answer))
         relations.append(item.get("Recalled Relation"))
+    return tuple(probes), relations
+
+
+def _unrelated(value: object) -> tuple[tuple[Probe, ...], list[object]]:
+    """``unrelated_relation`` {relation_id, object, question} (or a list of them): the question, with
+    the object it must still be answered with after the edit; and the relation ids."""
+    items = value if isinstance(value, list) else [value]
+    probes: list[Probe] = []
+    relations: list[object] = []
+    for i, item in enumerate(items):
+        label = "unrelated_relation" if not isinstance(value, list) else f"unrelated_relation[{i}]"
+        if not isinstance(item, Mapping):
+            raise _Problem(f"field '{label}' must be an object with 'question'/'object', got {_show(item)}")
+        question = _text(item, "question", f"{label}.question")
+        answer = _target(item, "object", f"{label}.object")
+        probes.append(Probe(question, target=answer))
+        relations.append(item.get("relation_id"))
     return tuple(probes), relations
 
 
