@@ -87,6 +87,9 @@ BUNDLED_FILES: dict[str, str] = {
     "cf_subject_replace": "probes/counterfact_subject_replace.json",  # 213 records
     "zsre_subject_replace": "probes/zsre_subject_replace.json",  # 293 records
     "zsre_reversed_relation": "probes/zsre_inverse_relation.json",  # 385 records
+    # Training splits of the trained editors (MEND, SERAC), whole (EasyEdit's / MEND's releases):
+    "counterfact_train": "train/counterfact-train.json",  # 10,000 records, EasyEdit schema
+    "zsre_train": "train/zsre_mend_train-1k.json",  # 1,000 records of zsre_mend_train, MEND schema
     "wikitext2": "wikitext2_test.txt",
 }
 #: The bundled files that are datasets of edit cases (not text corpora).

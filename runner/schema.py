@@ -67,7 +67,7 @@ class RunConfig:
     optimized_metric: str = "score"  # what run.py returns to a sweeper
     # what +size=tiny sets batch_size to (config.yaml: ${dataset.size}, one batch; presets that
     # stream batches set a smaller one)
-    tiny_batch_size: int = 16
+    tiny_batch_size: int | None = 16
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: Any = MISSING
     editor: Any = MISSING

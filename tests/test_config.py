@@ -36,15 +36,29 @@ def test_the_names_users_type_exist():
     assert {"wandb", "none"} <= set(LOGGERS)
 
 
+def _pair_datasets(model: str, editor: str) -> list[str]:
+    """The datasets a pair is composed with: every one that has a per-(editor, model, dataset) file,
+    and the two base ones (every other dataset is checked once, on the default pair)."""
+    prefix = f"{editor}_{model}_"
+    special = {p.stem[len(prefix) :] for p in (CONF / "editor_model_dataset").glob(f"{prefix}*.yaml")}
+    return sorted({"counterfact", "zsre"} | (special & set(DATASETS)))
+
+
 @pytest.mark.parametrize("model,editor", list(itertools.product(MODELS, EDITORS)))
 def test_every_model_editor_pair_composes_and_resolves(model, editor):
-    for dataset, logger in itertools.product(DATASETS, LOGGERS):
+    for dataset, logger in itertools.product(_pair_datasets(model, editor), LOGGERS):
         cfg = _compose(f"model={model}", f"editor={editor}", f"dataset={dataset}", f"logger={logger}")
         container = OmegaConf.to_container(cfg, resolve=True)
         node = container["editor"]
         layers = node.get("layers") or ([node["layer"]] if "layer" in node else [])
         assert all(0 <= layer < container["model"]["n_layers"] for layer in layers)
         OmegaConf.to_object(cfg.editor)  # the typed editor config builds
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_dataset_composes_and_resolves(dataset):
+    container = OmegaConf.to_container(_compose(f"dataset={dataset}"), resolve=True)
+    assert container["dataset"]["name"] == dataset
 
 
 def test_ablations_are_a_group_of_the_come_editors_only():
