@@ -103,12 +103,13 @@ def render_bench(runs: list[tuple[Job, Path]]) -> str:
 EDITORS = [
     ("unedited", "unedited"),
     ("ROME (layer 2)", "rome"),
-    ("MEMIT (layers 1-3, λ = 100)", "memit"),
+    ("MEMIT (layers 1-2, λ = 30)", "memit"),
     ("CoME-MEMIT (α = 0.1, p = 0.2)", "come_memit"),
     ("PMET (λ = 100)", "pmet"),
     ("CoME-PMET (λ = 100)", "come_pmet"),
     ("FT (layer 2)", "ft"),
     ("FT-L (layer 2)", "ft_l"),
+    ("FT-L w/ SSS (C = 0.9)", "ft_l_sss"),
 ]
 SIZES = (20, 60, 200, 500)
 SEQUENTIAL = ["edit_mode=sequential", "eval.timing=at_end", "eval=fast"]
