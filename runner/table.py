@@ -90,6 +90,14 @@ def _display(method: str, names: Mapping[str, str]) -> str:
     return f"{label} ({ablation})" if ablation else label
 
 
+def _reference_row(key: str, values: Mapping[str, float], names: Mapping[str, str]) -> Row:
+    """A published row; its key is a method name, optionally followed by a note kept in the label
+    (``"memit [n=100]"``: a table with one published row per setting)."""
+    method, _, note = key.partition(" ")
+    label = f"{_display(method, names)} {note}" if note else _display(method, names)
+    return Row(method, label, {k: {"mean": v, "stderr": None} for k, v in values.items()}, {})
+
+
 def _order(method: str, names: Mapping[str, str]) -> tuple:
     base, _, ablation = method.partition("+")
     keys = list(names)
@@ -130,12 +138,10 @@ def build_tables(
                 and wanted & models
                 and same_mode
             ):
-                ref_rows = [
-                    Row(
-                        m, _display(m, names), {k: {"mean": v, "stderr": None} for k, v in values.items()}, {}
-                    )
-                    for m, values in sorted(ref["rows"].items(), key=lambda kv: _order(kv[0], names))
-                ]
+                ref_rows = [_reference_row(key, values, names) for key, values in ref["rows"].items()]
+                ref_rows.sort(
+                    key=lambda r: _order(r.method, names)
+                )  # stable: the file's order within a method
                 table.references.append((ref, ref_rows))
         tables.append(table)
     return tables

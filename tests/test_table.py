@@ -151,3 +151,18 @@ def test_a_sequential_table_shows_only_sequential_references(tmp_path):
     assert [ref["id"] for ref, _ in table.references] == ["alphaedit-gptj-counterfact"]
     alpha = next(r for r in table.references[0][1] if r.method == "alphaedit")
     assert alpha.metrics["efficacy"]["mean"] == 99.75
+
+
+def test_published_rows_per_setting_keep_their_note_and_the_methods_order(tmp_path):
+    path = _summary(tmp_path / "a", "memit", "counterfact_easyedit", "gpt2-xl", {"efficacy": 90.0})
+    data = json.loads(path.read_text())
+    data["protocol"]["edit_mode"] = "sequential"
+    path.write_text(json.dumps(data))
+    (table,) = build_tables(find_summaries([tmp_path]))
+    (ref, rows) = table.references[0]
+    assert ref["id"] == "sss-gpt2xl-counterfact-sequential"
+    labels = [r.label for r in rows]
+    assert labels[:5] == ["FT-L [n=1]", "FT-L [n=10]", "FT-L [n=100]", "FT-L [n=1000]", "FT-L w/ SSS [n=1]"]
+    memit = {r.label: r.metrics["locality"]["mean"] for r in rows if r.method == "memit"}
+    assert memit == {"MEMIT [n=1]": 100, "MEMIT [n=10]": 100, "MEMIT [n=100]": 91.0, "MEMIT [n=1000]": 54.8}
+    assert "FT-L w/ SSS [n=1000] †" in to_markdown(table, load_layout())
