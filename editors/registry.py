@@ -5,8 +5,10 @@ from editors.come import ComeAlphaEditConfig, ComeMemitConfig, ComePmetConfig
 from editors.finetune import FineTuneConfig, FLearningConfig
 from editors.grace import GraceConfig
 from editors.memit import MemitConfig
+from editors.mend import MendConfig
 from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
+from editors.serac import SeracConfig
 from editors.unedited import UneditedConfig
 from editors.wise import WiseConfig
 
@@ -26,4 +28,6 @@ CONFIG_SCHEMAS = {
     "f_learning": FLearningConfig,
     "grace": GraceConfig,
     "wise": WiseConfig,
+    "serac": SeracConfig,
+    "mend": MendConfig,
 }

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from editors.base import Covariance, Edit, Editor, Handle, Projector, Resources
+from editors.base import Artifact, Covariance, Edit, Editor, Handle, Projector, Resources
 from editors.delta import WeightDelta
 from editors.patch import HandleStack, ModulePatch
 from editors.registry import CONFIG_SCHEMAS
@@ -52,6 +52,8 @@ def test_every_registered_editor_satisfies_the_contract(tiny, name):
     editor = build_editor(cfg.editor, loaded)
     assert isinstance(editor, Editor)
     needs = editor.requirements()
+    if any(isinstance(n, Artifact) for n in needs):  # trained first (MEND, SERAC): their own test files
+        pytest.skip(f"{name} needs a trained artifact; its contract is checked in tests/test_{name}.py")
     assert all(isinstance(n, (Covariance, Projector)) for n in needs)
     prepare_requirements(editor, stats)
     editor.prepare(model, tok, Resources(stats=stats))
