@@ -87,8 +87,9 @@ Requirement = Covariance | Projector | Artifact
 
 
 def covariance_modules(requirements: Sequence[Requirement]) -> list[str]:
-    """The modules whose covariance the requirements need (a projector needs its covariance)."""
-    return list(dict.fromkeys(r.module for r in requirements))
+    """The modules whose covariance the requirements need (a projector needs its covariance; an
+    artifact none)."""
+    return list(dict.fromkeys(r.module for r in requirements if isinstance(r, (Covariance, Projector))))
 
 
 @dataclass
