@@ -121,6 +121,26 @@ def test_presets_compose_as_one_batch_multiruns(experiment):
     assert tiny.model.name == "toy"
 
 
+@pytest.mark.parametrize("experiment", ["sss_table1", "sss_table2", "sss_table3", "sss_table5"])
+def test_sss_presets_edit_one_at_a_time_on_gpt2_xl_with_and_without_sss(experiment):
+    paths = ["paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"]
+    full = compose_config(f"+experiment={experiment}", *paths, return_hydra_config=True)
+    tiny = compose_config(f"+experiment={experiment}", "+size=tiny", "model=toy", *paths)
+    params = full.hydra.sweeper.params
+    assert params.model == "gpt2-xl" and full.batch_size == tiny.batch_size == 1
+    assert {"ft_l", "ft_l_sss", "mend", "mend_sss", "serac", "serac_sss"} <= set(params.editor.split(","))
+    assert full.edit_mode == ("sequential" if experiment == "sss_table2" else "batch")
+    assert tiny.dataset.size == 16 and tiny.model.name == "toy"
+
+
+def test_the_c_sweep_runs_ft_l_with_sss_from_0_to_1_on_the_locality_set():
+    paths = ["paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"]
+    cfg = compose_config("sweep=sss_c", *paths, return_hydra_config=True)
+    values = [float(v) for v in cfg.hydra.sweeper.params["editor.sss_coefficient"].split(",")]
+    assert values == [i / 10 for i in range(11)]
+    assert cfg.editor._target_ == "editors.finetune.FineTune" and cfg.dataset.name == "cf_distract_neighbor"
+
+
 def test_wandb_table_is_logged_offline(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
