@@ -177,6 +177,15 @@ class EditorBase:
     ) -> None:
         self.resources = resources
 
+    #: A cap on the optimiser steps of every artifact this editor trains (``artifact_max_steps``;
+    #: +size=tiny sets one so CI trains in seconds); None: the editor's own settings. The runner sets
+    #: it before training, and it is part of the artifact's key.
+    train_cap: int | None = None
+
+    def train_steps(self, steps: int) -> int:
+        """``steps`` within :attr:`train_cap`."""
+        return steps if self.train_cap is None else min(steps, self.train_cap)
+
     def train_artifact(
         self,
         artifact: Artifact,

@@ -97,14 +97,24 @@ def prepare_requirements(editor: Any, stats: SecondMoments) -> dict[str, str]:
 
 
 def prepare_artifacts(
-    editor: Any, loaded: LoadedModel, store: ArtifactStore, data_cache: Path | None = None
+    editor: Any,
+    loaded: LoadedModel,
+    store: ArtifactStore,
+    data_cache: Path | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, Path]:
     """Load, or train on the unedited model, every :class:`Artifact` the editor names; their folders
-    by name. An artifact's training cases are loaded from its dataset config (``Artifact.data``)."""
+    by name. An artifact's training cases are loaded from its dataset config (``Artifact.data``).
+    ``max_steps`` caps the training steps (``editor.train_cap``) and joins the artifact's key."""
     folders: dict[str, Path] = {}
+    editor.train_cap = max_steps
     for need in editor.requirements():
         if not isinstance(need, Artifact):
             continue
+        if max_steps is not None:  # a capped artifact is another artifact
+            need = replace(
+                need, recipe=json.dumps({"recipe": json.loads(need.recipe), "max_steps": max_steps})
+            )
         data = None
         if need.data is not None:
             data = load_from_config(json.loads(need.data), cache_dir=data_cache)
@@ -274,7 +284,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     with explain_oom("prepare", cfg):
         try:
-            artifacts = prepare_artifacts(editor, loaded, store, data_cache)
+            artifacts = prepare_artifacts(editor, loaded, store, data_cache, cfg.artifact_max_steps)
         except ArtifactMissing as exc:
             raise ConfigError(str(exc)) from None
     if cfg.task == "prepare":

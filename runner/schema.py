@@ -55,6 +55,7 @@ class PathsConfig:
 class RunConfig:
     task: str = "edit"  # edit | stats (covariance statistics only) | prepare (statistics and trained artifacts)
     train_artifacts: bool = True  # train a missing artifact on first use; false: fail naming task=prepare
+    artifact_max_steps: int | None = None  # cap on every artifact's training steps (+size=tiny); in its key
     seed: int = 0
     edit_mode: str = "batch"  # batch: weights restored between batches | sequential: edits accumulate
     batch_size: int = 10  # edits per batch (the reference's --num_edits)

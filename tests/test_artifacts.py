@@ -97,3 +97,18 @@ def test_the_runner_loads_an_artifacts_training_cases_and_trains_it_on_the_model
     assert report["n_train_cases"] == 4 and report["data_sha256"]
     again = prepare_artifacts(editor, Loaded(), _store(tmp_path), tmp_path / "data")
     assert again == folders and len(editor.got) == 1
+
+
+def test_a_step_cap_reaches_the_editor_and_makes_another_artifact(tmp_path):
+    class Loaded:
+        model, tokenizer, model_id, revision = object(), object(), "toy", "r"
+
+    class Capped(_Trains):
+        def train_artifact(self, artifact, model, tokenizer, cases, folder, checkpoints):
+            self.got.append(self.train_steps(1000))
+            return {}
+
+    editor = Capped()
+    full = prepare_artifacts(editor, Loaded(), _store(tmp_path), tmp_path / "data")
+    capped = prepare_artifacts(editor, Loaded(), _store(tmp_path), tmp_path / "data", max_steps=30)
+    assert editor.got == [1000, 30] and capped["scope"] != full["scope"]
