@@ -62,7 +62,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -647,7 +647,10 @@ class Serac(EditorBase):
             return super().train_artifact(artifact, model, tokenizer, cases, folder, checkpoints)
         start = time.perf_counter()
         classifier, cf = self._build(model, tokenizer)
-        report = train_serac(cfg, model, tokenizer, classifier, cf, list(cases), checkpoints, self.progress)
+        capped = replace(cfg, max_steps=self.train_steps(cfg.max_steps))  # artifact_max_steps
+        report = train_serac(
+            capped, model, tokenizer, classifier, cf, list(cases), checkpoints, self.progress
+        )
         save_serac(folder, classifier, cf, cfg)
         report["seconds"] = round(time.perf_counter() - start, 1)
         return report
@@ -703,7 +706,15 @@ def load_serac(
 
     folder = Path(folder)
     device = next(model.parameters()).device
-    encoder = AutoModel.from_pretrained(folder / "classifier").to(device=device, dtype=torch.float32)
+    if cfg.classifier is None:
+        from transformers import BertModel
+
+        encoder = BertModel.from_pretrained(folder / "classifier", add_pooling_layer=False)
+    else:
+        encoder = AutoModel.from_pretrained(folder / "classifier")
+        if hasattr(encoder, "pooler"):
+            encoder.pooler = None
+    encoder = encoder.to(device=device, dtype=torch.float32)
     ctok = tokenizer if cfg.classifier is None else AutoTokenizer.from_pretrained(folder / "classifier")
     classifier = ScopeClassifier(encoder, ctok, cfg).eval()
     cf = AutoModelForCausalLM.from_pretrained(folder / "counterfactual").to(

@@ -6,6 +6,7 @@ then loaded."""
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -62,9 +63,7 @@ def trained(cases, tmp_path_factory):
     net = model("gpt2", tok)
     editor = Serac(_cfg(), SPECS["gpt2"])
     classifier, cf = editor._build(net, tok)
-    report = train_serac(
-        editor.config, net, tok, classifier, cf, cases, tmp_path_factory.mktemp("ck"), False
-    )
+    report = train_serac(editor.config, net, tok, classifier, cf, cases, tmp_path_factory.mktemp("ck"), False)
     editor.classifier, editor.counterfactual = classifier.eval(), cf.eval()
     for p in list(classifier.parameters()) + list(cf.parameters()):
         p.requires_grad_(False)
@@ -87,7 +86,9 @@ def test_training_lowers_both_validation_losses(trained):
     *_, report = trained
     first, last = report["validation"][0], report["validation"][-1]
     assert report["steps"] == 60 and [v["step"] for v in report["validation"]] == [0, 20, 40, 60]
-    assert last["edit_nll"] < first["edit_nll"] - 0.5  # the counterfactual model's NLL with the edit in context
+    assert (
+        last["edit_nll"] < first["edit_nll"] - 0.5
+    )  # the counterfactual model's NLL with the edit in context
     assert last["loc"] < first["loc"] - 0.2  # the classifier's balanced BCE
 
 
@@ -251,6 +252,13 @@ def test_artifact_is_trained_once_then_loaded(cases, tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in again.counterfactual.parameters())
     handle = again.apply(net, tok, [cases[0].request]).attach(net)
     handle.restore()
+    assert json.loads((Path(folders["serac"]) / "artifact.json").read_text())["steps"] == 4
+    capped = prepare_artifacts(
+        Serac(editor.config, SPECS["gpt2"]), loaded, store, None, 2
+    )  # artifact_max_steps
+    assert (
+        capped != folders and json.loads((Path(capped["serac"]) / "artifact.json").read_text())["steps"] == 2
+    )
     # another recipe is another artifact
     other = Serac(_cfg(max_steps=4, val_every=2, checkpoint_every=2, lr=2e-3), SPECS["gpt2"])
     assert other.requirements()[0].recipe != need.recipe
