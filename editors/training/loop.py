@@ -8,12 +8,16 @@ below ``loss_floor`` ends training. ``max_steps`` caps the optimiser steps. With
 callable returning a loss, lower is better) the loop evaluates every ``eval_every`` steps, keeps the
 best parameters and stops after ``patience`` steps without improvement (MEND's early stopping).
 Only the parameters given are trained; every ``requires_grad`` flag is restored afterwards.
+
+Resuming (MEND's checkpoints): ``start`` is the report of the interrupted run (its steps, batches,
+validation curve and best so far are continued; pass the batches it had not reached), and
+``on_step(report)`` runs after every optimiser step, once its validation is done (checkpoint there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -76,10 +80,12 @@ def fit(
     optimizer: torch.optim.Optimizer | None = None,
     progress: bool = False,
     desc: str = "train",
+    start: FitReport | None = None,
+    on_step: Callable[[FitReport], None] | None = None,
 ) -> FitReport:
     """Train ``params`` (see the module docstring). ``model``: its other parameters are frozen while
-    training (their flags are restored after)."""
-    report = FitReport()
+    training (their flags are restored after). ``start``/``on_step``: resuming (module docstring)."""
+    report = FitReport() if start is None else replace(start, validation=list(start.validation))
     opt = optimizer if optimizer is not None else make_optimizer(list(params.values()), cfg)
     trained = {id(p) for p in params.values()}
     flags = {}
@@ -91,6 +97,8 @@ def fit(
         p.requires_grad_(True)
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0
+    if report.validation and report.best_step is not None:  # resumed: steps since the best validation
+        since_best = report.validation[-1][0] - report.best_step
     total = cfg.epochs * len(batches)
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     try:
@@ -133,6 +141,8 @@ def fit(
                             report.stopped = "patience"
                     if cfg.max_steps is not None and report.steps >= cfg.max_steps:
                         report.stopped = "max_steps"
+                    if on_step is not None:
+                        on_step(report)
                 elif after_step is not None and cfg.accumulate == 1:
                     after_step()  # FT-L clamps after every batch, stepped or not
                 if report.stopped != "epochs":
