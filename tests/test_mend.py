@@ -139,10 +139,13 @@ def test_a_trained_edit_raises_p_target_new_and_leaves_the_model_bit_exact(arch_
         after = torch.tensor([s.target_logprob for s in score_probes(net, tok, probes)])
     assert float((after - before).mean()) > 0.3 and int((after > before).sum()) >= 6, f"{before} -> {after}"
     assert editor.history == [r.case_id for r in requests]
+    assert editor.history_state() != "" and editor.memory_knobs()
     # a request's update does not depend on the others in its batch
     single, rest = editor.apply(net, tok, requests[:1]), editor.apply(net, tok, requests[1:])
     for name, d in delta.deltas.items():
         torch.testing.assert_close(d, single.deltas[name] + rest.deltas[name], rtol=1e-4, atol=1e-6)
+    editor.reset()
+    assert editor.history == [] and editor.history_state() == ""
 
 
 def test_an_interrupted_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
