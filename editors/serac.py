@@ -108,6 +108,9 @@ class SeracConfig:
         True  # classifier BCE + counterfactual NLL (serac rep.yaml) | false: soft mixture (EasyEdit)
     )
     use_all_negatives: bool = False  # reference rep.use_all_negatives: out-of-scope rows vs every edit
+    train_on_rewrite: bool = (
+        False  # also the edit's own prompt as an in-scope row (the reference: paraphrases only)
+    )
     # training (reference: lr 1e-5, cedit 0.1, cloc 1.0, batch_size 3 (EditSSS), accumulate_bs 10,
     # Adam, grad_clip 100, max_iters 100000, val_interval 1000, early_stop_patience 40000)
     train_data: dict = field(default_factory=lambda: {"name": "counterfact_train"})
@@ -587,11 +590,13 @@ class SeracEdit:
 @dataclass
 class _Example:
     entry: MemoryEntry
-    inscope: tuple[str, str]  # (prompt, answer) in the edit's scope
+    inscope: list[tuple[str, str]]  # (prompt, answer) rows in the edit's scope
     outscope: tuple[str, str] | None  # (prompt, answer) out of it
 
 
-def _examples(cases: Sequence[Any], rng: random.Random) -> list[_Example]:
+def _examples(cases: Sequence[Any], rng: random.Random, rewrite: bool = False) -> list[_Example]:
+    """One in-scope row per case (a paraphrase; with ``rewrite`` also the edit's own prompt) and one
+    out-of-scope row (a neighbourhood prompt)."""
     out = []
     for case in cases:
         request = case.request
@@ -602,7 +607,8 @@ def _examples(cases: Sequence[Any], rng: random.Random) -> list[_Example]:
         out.append(
             _Example(
                 _entry(request),
-                (prompt, request.target_new),
+                [(prompt, request.target_new)]
+                + ([(request.text, request.target_new)] if rewrite and para else []),
                 (neighbour.prompt, neighbour.target) if neighbour else None,
             )
         )
@@ -802,13 +808,15 @@ class SeracLoss:
         cfg = self.cfg
         examples = batch.examples
         entries = [x.entry for x in examples]
-        inscope = _answer_rows(self.tokenizer, [x.inscope for x in examples])
+        pairs = [(i, row) for i, x in enumerate(examples) for row in x.inscope]
+        inscope = _answer_rows(self.tokenizer, [row for _, row in pairs])
+        owner = [i for i, _ in pairs]  # the edit each in-scope row belongs to
         loc_ex = [(i, x.outscope) for i, x in enumerate(examples) if x.outscope is not None]
         outscope = _answer_rows(self.tokenizer, [o for _, o in loc_ex]) if loc_ex else []
         keys = self.classifier.embed([e.scope_text for e in entries])
         decode = lambda seqs: [self.tokenizer.decode(s.input_ids, skip_special_tokens=True) for s in seqs]  # noqa: E731
         q_in = self.classifier.embed(decode(inscope))
-        logsim_in = self.classifier.log_similarity(q_in, keys)  # [B, B]
+        logsim_in = self.classifier.log_similarity(q_in, keys)  # [rows, B]
         logsim_out = (
             self.classifier.log_similarity(self.classifier.embed(decode(outscope)), keys) if loc_ex else None
         )
@@ -817,13 +825,18 @@ class SeracLoss:
         rows_in = [s.input_ids for s in inscope]
         if cfg.supervised:
             cf_logits, hidden = counterfactual_logits(
-                self.cf, self.tokenizer, self.contexts(entries), rows_in, vocab, hidden=want_hidden
+                self.cf,
+                self.tokenizer,
+                self.contexts([entries[i] for i in owner]),
+                rows_in,
+                vocab,
+                hidden=want_hidden,
             )
             r, picked, gold = _gather_answers(cf_logits, inscope)
             nll = -picked.log_softmax(-1).gather(1, gold[:, None])[:, 0]
             l_edit = _row_mean(nll, r, len(inscope))
-            diag = torch.arange(len(examples), device=logsim_in.device)
-            pos = logsim_in[diag, diag]
+            own_in = torch.tensor(owner, device=logsim_in.device)
+            pos = logsim_in[torch.arange(len(owner), device=logsim_in.device), own_in]
             if loc_ex:
                 own = torch.tensor([i for i, _ in loc_ex], device=logsim_in.device)
                 neg = (
@@ -912,8 +925,8 @@ def train_serac(
         raise ValueError(f"SERAC training needs at least 2 cases, got {len(cases)}")
     rng = random.Random(cfg.seed)
     n_val = min(cfg.val_cases, max(1, len(cases) // 5))
-    train_ex = _examples(cases[:-n_val], rng)
-    val_ex = _examples(cases[-n_val:], random.Random(cfg.seed + 1))
+    train_ex = _examples(cases[:-n_val], rng, cfg.train_on_rewrite)
+    val_ex = _examples(cases[-n_val:], random.Random(cfg.seed + 1), cfg.train_on_rewrite)
     loss = SeracLoss(cfg, model, tokenizer, classifier, cf)
     params = {f"classifier.{n}": p for n, p in classifier.encoder.named_parameters()}
     params |= {f"counterfactual.{n}": p for n, p in cf.named_parameters()}
