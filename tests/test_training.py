@@ -96,6 +96,24 @@ def test_ft_l_with_sss_still_raises_p_target_new(edit_setup):
     assert bool((after < before).all()), f"{arch}: NLL {before} -> {after}"
 
 
+def test_teacher_forced_batches_of_mixed_answer_lengths_index_inside_their_rows(edit_setup):
+    """The longest prompt with the shortest answer: its masked reads would fall past the row's end."""
+    arch, tok, net, _ = edit_setup
+    prompts = [
+        ("The mother tongue of {} is, as everyone here knows well,", "Danielle Darrieux"),
+        ("{} is", "X"),
+    ]
+    targets = [answer_ids(tok, " English"), answer_ids(tok, " a long answer of many tokens")]
+    batch = answer_batch(tok, prompts, targets, "target_tokens", next(net.parameters()).device)
+    assert int(batch.positions.max()) < batch.enc.input_ids.shape[1]
+    nll = answer_nll(answer_logits(net, batch)[0], batch)
+    for i in range(2):  # each row's NLL is its own, alone
+        alone = answer_batch(tok, prompts[i : i + 1], targets[i : i + 1], "target_tokens", batch.gold.device)
+        assert nll[i].item() == pytest.approx(
+            answer_nll(answer_logits(net, alone)[0], alone).item(), rel=1e-4
+        )
+
+
 class _Quadratic:
     """Minimise (w − target)² over one parameter; batches are floats (their size is 1)."""
 

@@ -66,8 +66,11 @@ def answer_batch(
     else:  # teacher forcing: answer token j is read at the position before it
         enc = encode(tokenizer, templates, subjects, suffixes=targets).to(device)
         start = enc.lengths - n_answer - 1  # the position predicting the first answer token
-        positions = (start[:, None] + offsets).clamp(min=0)
-        gold = enc.input_ids.gather(1, (positions + 1).clamp(max=enc.input_ids.shape[1] - 1))
+        # a row with fewer answer tokens than the widest reads past its end: those reads are masked,
+        # and clamped into the row so that they index
+        last = enc.input_ids.shape[1] - 1
+        positions = (start[:, None] + offsets).clamp(min=0, max=last)
+        gold = enc.input_ids.gather(1, (positions + 1).clamp(max=last))
     return AnswerBatch(enc, positions, gold, mask)
 
 
