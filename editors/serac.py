@@ -108,6 +108,8 @@ class SeracConfig:
         True  # classifier BCE + counterfactual NLL (serac rep.yaml) | false: soft mixture (EasyEdit)
     )
     use_all_negatives: bool = False  # reference rep.use_all_negatives: out-of-scope rows vs every edit
+    # in-scope rows vs the batch's other edits are negatives too (reference: only locality rows)
+    cross_negatives: bool = True
     train_on_rewrite: bool = (
         False  # also the edit's own prompt as an in-scope row (the reference: paraphrases only)
     )
@@ -846,6 +848,15 @@ class SeracLoss:
                 )
             else:
                 neg = pos.new_zeros(0)
+            if cfg.cross_negatives:  # in-scope rows vs the batch's other edits (not the reference's)
+                other = torch.tensor(
+                    [
+                        [entries[j].scope_text != entries[i].scope_text for j in range(len(entries))]
+                        for i in owner
+                    ],
+                    device=logsim_in.device,
+                )
+                neg = torch.cat([neg, logsim_in[other]])
             sims = torch.cat([pos, neg])
             labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
             l_loc = _balanced_bce(sims, labels)
