@@ -158,6 +158,9 @@ class EditorBase:
     #: (config key, what it controls) of the settings that lower this editor's peak memory
     #: while editing; the runner names them when an edit runs out of memory.
     MEMORY_KNOBS: tuple[tuple[str, str], ...] = ()
+    #: None when ``save_model=true`` works for this editor's edits; else why not (the runner
+    #: refuses the run in one line, before any model or artifact is loaded).
+    CANNOT_SAVE: str | None = None
 
     def __init__(self, config: Any, spec: Any) -> None:
         self.config = config

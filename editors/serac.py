@@ -630,6 +630,11 @@ def _balanced_bce(log_sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class Serac(EditorBase):
+    CANNOT_SAVE = (
+        "SERAC's edits (an edit memory, a scope classifier and a counterfactual model) are not "
+        "saved with the model; run without save_model"
+    )
+
     def __init__(self, config: SeracConfig, spec: Any) -> None:
         super().__init__(config, spec)
         self.classifier: ScopeClassifier | None = None

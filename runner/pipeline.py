@@ -198,6 +198,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "save_model=true needs edit_mode=sequential (batch mode restores the model after every batch)"
         )
+    if cfg.get("save_model"):
+        cannot = getattr(get_class(cfg.editor._target_), "CANNOT_SAVE", None)
+        if cannot:
+            raise ConfigError(f"save_model=true: {cannot}")
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
 
