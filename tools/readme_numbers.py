@@ -110,6 +110,10 @@ EDITORS = [
     ("FT (layer 2)", "ft"),
     ("FT-L (layer 2)", "ft_l"),
     ("FT-L w/ SSS (C = 0.9)", "ft_l_sss"),
+    ("MEND (layers 4-5)", "mend"),
+    ("MEND w/ SSS (C = 0.9)", "mend_sss"),
+    ("SERAC", "serac"),
+    ("SERAC w/ SSS (C = 0.9)", "serac_sss"),
 ]
 SIZES = (20, 60, 200, 500)
 SEQUENTIAL = ["edit_mode=sequential", "eval.timing=at_end", "eval=fast"]
