@@ -23,12 +23,13 @@ test:  ## the default test suite (CPU, no network, a few minutes)
 test-slow:  ## the slow tests (longer end-to-end runs)
 	$(PY) -m pytest -q -m slow
 
-presets-tiny:  ## every experiment preset (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE) on the toy model at tiny size (CI runs it)
+presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3) on the toy model at tiny size (CI runs it)
 	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=4,16' $(ARGS)
 	$(PY) run.py +experiment=alphaedit_table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=lifelong_zsre +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=1,4,16' $(ARGS)
+	$(PY) run.py +experiment=sss_table3 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)
