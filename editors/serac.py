@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editors.base import Artifact, EditorBase, recipe_json
-from editors.core.tokens import pad_id
+from editors.core.tokens import pad_id, right_pad
 from editors.requests import EditRequest
 from editors.training import LoopConfig, fit, mix_sss
 from editors.training.losses import SSS_REDUCTIONS
@@ -182,12 +182,7 @@ class ScopeClassifier(nn.Module):
         """[N, d] pooled embeddings of ``texts``."""
         rows = [list(ids)[: self.max_length] for ids in self.tokenizer(list(texts))["input_ids"]]
         rows = [r if r else [pad_id(self.tokenizer)] for r in rows]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id(self.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = right_pad(rows, pad_id(self.tokenizer))
         device = self.device()
         hidden = self.encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         if self.pooling == "cls":
@@ -300,15 +295,8 @@ def _joined(
             ctx = ctx[len(ctx) - room :]
         seqs.append(list(ctx) + row[lead:])
         maps.append([len(ctx) - 1] * lead + [len(ctx) + j - lead for j in range(lead, len(row))])
-    width = max(len(s) for s in seqs)
-    row_width = max(len(m) for m in maps)
-    ids = torch.full((len(seqs), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    where = torch.zeros((len(seqs), row_width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, maps)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        where[i, : len(m)] = torch.tensor(m)
+    ids, mask = right_pad(seqs, pad_id(tokenizer))
+    where, _ = right_pad(maps, 0)
     return ids.to(device), mask.to(device), where.to(device)
 
 
@@ -800,12 +788,7 @@ class SeracLoss:
 
     def _base_logits(self, seqs) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        width = max(len(s.input_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id(self.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-            mask[i, : len(s.input_ids)] = 1
+        ids, mask = right_pad([s.input_ids for s in seqs], pad_id(self.tokenizer))
         with torch.no_grad():
             return self.model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False

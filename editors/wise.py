@@ -108,7 +108,7 @@ from transformers.pytorch_utils import Conv1D
 from editors import checks
 from editors.base import EditorBase, Resources
 from editors.core.logits import logits_at
-from editors.core.tokens import answer_ids, encode, model_device, pad_id
+from editors.core.tokens import answer_ids, encode, model_device, pad_id, right_pad
 from editors.hooks import get_module
 from editors.merging import merge_models, variant
 from editors.patch import Adapter, ModulePatch
@@ -681,13 +681,9 @@ class Wise(EditorBase):
         rows = [enc.input_ids[i, : int(n)].tolist() for i, n in enumerate(enc.lengths)]
         loc = [self.loc[_case_index(r.case_id, len(self.loc))] for r in requests]
         rows += [tokenizer(text, add_special_tokens=True)["input_ids"][: cfg.loc_max_tokens] for text in loc]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id(tokenizer), dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        ids, attn = right_pad(rows, pad_id(tokenizer))
         pick_rows, pick_cols, gold, owner = [], [], [], []
         for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            attn[i, : len(row)] = 1
             if i < len(requests) * len(templates):
                 n_answer = len(answers[i // len(templates)])
                 for p in range(len(row) - n_answer, len(row)):

@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from editors.core.tokens import right_pad
 from editors.requests import fill
 from editors.spec import ModelSpec
 from evaluation.cases import EditCase
@@ -795,12 +796,7 @@ def toy_recall(
         chunk = pairs[start : start + batch_size]
         prompts = tokenizer([p for p, _ in chunk])["input_ids"]
         fulls = tokenizer([f"{p} {a}" for p, a in chunk])["input_ids"]
-        width = max(len(f) for f in fulls)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, f in enumerate(fulls):
-            ids[r, : len(f)] = torch.tensor(f)
-            mask[r, : len(f)] = 1
+        ids, mask = right_pad(fulls, tokenizer.pad_token_id)
         pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
         for r, (p, f) in enumerate(zip(prompts, fulls)):
             ok = [pred[r, j - 1].item() == f[j] for j in range(len(p), len(f))]

@@ -94,3 +94,12 @@ def test_subject_not_in_prompt_is_a_clear_error():
     tok = tokenizer("gpt2")
     with pytest.raises(ValueError, match="no '\\{\\}'"):
         encode(tok, ["Paris is in"], ["Paris"])
+
+
+def test_right_pad_fills_ids_and_mask_to_the_longest_row():
+    from editors.core.tokens import right_pad
+
+    ids, mask = right_pad([[5, 6, 7], [8], []], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from editors.core.tokens import model_device, pad_id
+from editors.core.tokens import model_device, pad_id, right_pad
 from editors.hooks import record
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,7 @@ class SecondMoments:
                 "input_ids"
             ]
             for batch in _token_batches(ids, self.cfg.batch_tokens):
-                width = max(len(x) for x in batch)
-                input_ids = torch.full((len(batch), width), pad_id(self.tokenizer), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, x in enumerate(batch):
-                    input_ids[row, : len(x)] = torch.tensor(x)
-                    mask[row, : len(x)] = 1
+                input_ids, mask = right_pad(batch, pad_id(self.tokenizer))
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 with record(self.model, modules, inputs=True, outputs=False) as rec:
                     self.model(input_ids=input_ids, attention_mask=mask)

@@ -86,6 +86,18 @@ def encode(
     )
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows right-padded with ``pad`` into ``input_ids`` [N, T] and ``attention_mask`` [N, T]
+    (1 on real tokens), T the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def answer_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of an answer continuation, without special tokens (no BOS)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
