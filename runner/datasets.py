@@ -802,38 +802,36 @@ def _item(values: list, i: int, key: str) -> str:
     return value
 
 
-def _portability(value: object) -> tuple[tuple[Probe, ...], list[object]]:
+def _question_probes(
+    value: object, field: str, question: str, answer: str, relation: str
+) -> tuple[tuple[Probe, ...], list[object]]:
+    """A record's ``field``: an object (or a list of them) holding a ``question`` and the ``answer`` it
+    must be answered with after the edit; their probes, and each object's ``relation`` value."""
     items = value if isinstance(value, list) else [value]
     probes: list[Probe] = []
     relations: list[object] = []
     for i, item in enumerate(items):
-        label = "portability" if not isinstance(value, list) else f"portability[{i}]"
+        label = field if not isinstance(value, list) else f"{field}[{i}]"
         if not isinstance(item, Mapping):
             raise _Problem(
-                f"field '{label}' must be an object with 'New Question'/'New Answer', got {_show(item)}"
+                f"field '{label}' must be an object with '{question}'/'{answer}', got {_show(item)}"
             )
-        question = _text(item, "New Question", f"{label}.New Question")
-        answer = _target(item, "New Answer", f"{label}.New Answer")
-        probes.append(Probe(question, target=answer))
-        relations.append(item.get("Recalled Relation"))
+        text = _text(item, question, f"{label}.{question}")
+        target = _target(item, answer, f"{label}.{answer}")
+        probes.append(Probe(text, target=target))
+        relations.append(item.get(relation))
     return tuple(probes), relations
+
+
+def _portability(value: object) -> tuple[tuple[Probe, ...], list[object]]:
+    """``portability`` {New Question, New Answer, Recalled Relation} (or a list of them)."""
+    return _question_probes(value, "portability", "New Question", "New Answer", "Recalled Relation")
 
 
 def _unrelated(value: object) -> tuple[tuple[Probe, ...], list[object]]:
     """``unrelated_relation`` {relation_id, object, question} (or a list of them): the question, with
     the object it must still be answered with after the edit; and the relation ids."""
-    items = value if isinstance(value, list) else [value]
-    probes: list[Probe] = []
-    relations: list[object] = []
-    for i, item in enumerate(items):
-        label = "unrelated_relation" if not isinstance(value, list) else f"unrelated_relation[{i}]"
-        if not isinstance(item, Mapping):
-            raise _Problem(f"field '{label}' must be an object with 'question'/'object', got {_show(item)}")
-        question = _text(item, "question", f"{label}.question")
-        answer = _target(item, "object", f"{label}.object")
-        probes.append(Probe(question, target=answer))
-        relations.append(item.get("relation_id"))
-    return tuple(probes), relations
+    return _question_probes(value, "unrelated_relation", "question", "object", "relation_id")
 
 
 def _check_template(template: str) -> None:
