@@ -100,6 +100,9 @@ class Resources:
     targets: TargetCache | None = None  # on-disk cache of target vectors (None: no caching)
     progress: bool = False  # show progress bars on long steps
     artifacts: dict[str, Path] = field(default_factory=dict)  # Artifact.name -> its folder
+    # task=unlearn: (prompt, answer) pairs of the retain split, for baselines that train on it
+    # (GradDiff, NPO's retain term); () in task=edit
+    retain: tuple[tuple[str, str], ...] = ()
 
 
 @runtime_checkable
