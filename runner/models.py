@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -188,6 +188,9 @@ class ModelConfig:
     # The covariance corpus of ``stats=model`` (the default): a stats.corpus id. The toy's is
     # ``training``, the sentences it was trained on (its "pretraining corpus", as Wikipedia is GPT-J's).
     stats_corpus: str = "wikitext2"
+    # Instruct models: questions go through the tokenizer's chat template (task=unlearn: in editing,
+    # training and evaluation alike); false: unlearn.question_template
+    chat_template: bool = False
 
 
 def _as_config(cfg: Any) -> ModelConfig:
@@ -641,16 +644,36 @@ def _load_toy(cfg: ModelConfig, *, cases: Sequence[EditCase], cache_dir: Path, s
     toy_seed = cfg.train.seed if cfg.train.seed is not None else seed
     facts = toy_facts(cases)
     extra = answer_space_facts(cases, facts, toy_seed, cfg.train.answer_space, cfg.train.subject_prompt)
-    key = _toy_key(cfg, facts + extra, toy_seed)
+
+    def check(tokenizer) -> None:  # a probe longer than the toy's context fails here, not after training
+        check_prompt_lengths(
+            cases, tokenizer, cfg.sizes.max_positions, limit_name="model.sizes.max_positions"
+        )
+
+    return load_toy_on_facts(cfg, facts, extra=extra, cache_dir=cache_dir, seed=toy_seed, check=check)
+
+
+def load_toy_on_facts(
+    cfg: ModelConfig | Any,
+    facts: Sequence[ToyFact],
+    *,
+    cache_dir: Path,
+    seed: int,
+    extra: Sequence[ToyFact] = (),
+    check: Callable[[PreTrainedTokenizerBase], None] | None = None,
+) -> LoadedModel:
+    """Train (or load from the cache, keyed by content) a toy on ``facts`` (``+ extra``), e.g. the
+    question -> answer pairs of an unlearning dataset; ``check(tokenizer)`` runs before training."""
+    cfg = _as_config(cfg)
+    facts, extra = list(facts), list(extra)
+    key = _toy_key(cfg, facts + extra, seed)
     path = cache_dir / "toy" / f"{cfg.name}-{key}"
     trained = False
     if not (path / "toy_info.json").exists():
         tokenizer = toy_tokenizer(cfg, facts + extra)
-        # a probe longer than the toy's context fails here, in one line, not after training
-        check_prompt_lengths(
-            cases, tokenizer, cfg.sizes.max_positions, limit_name="model.sizes.max_positions"
-        )
-        model, tokenizer, info = train_toy(cfg, facts, extra=extra, seed=toy_seed, tokenizer=tokenizer)
+        if check is not None:
+            check(tokenizer)
+        model, tokenizer, info = train_toy(cfg, facts, extra=extra, seed=seed, tokenizer=tokenizer)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
