@@ -10,6 +10,7 @@ from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
 from editors.serac import SeracConfig
 from editors.unedited import UneditedConfig
+from editors.unlearning import GradientUnlearningConfig
 from editors.wise import WiseConfig
 
 # Each editor's typed config, by the name its conf/editor/<name>.yaml uses as
@@ -30,4 +31,5 @@ CONFIG_SCHEMAS = {
     "wise": WiseConfig,
     "serac": SeracConfig,
     "mend": MendConfig,
+    "ga": GradientUnlearningConfig,  # GA, and grad_diff / npo on top (conf/editor/ga.yaml)
 }

@@ -19,7 +19,10 @@ from editors.training.losses import (
     answer_batch,
     answer_logits,
     answer_nll,
+    ga_loss,
+    kl_divergence,
     mix_sss,
+    npo_loss,
     sss_term,
 )
 
@@ -33,6 +36,9 @@ __all__ = [
     "answer_logits",
     "answer_nll",
     "fit",
+    "ga_loss",
+    "kl_divergence",
     "mix_sss",
+    "npo_loss",
     "sss_term",
 ]

@@ -123,3 +123,45 @@ def mix_sss(
     if hidden is None:
         raise ValueError("SSS needs the final hidden states (answer_logits(..., hidden=True))")
     return (1 - coefficient) * loss + coefficient * sss_term(loss, hidden, reduction, positions)
+
+
+# --- Unlearning losses (open-unlearning, github locuslab/open-unlearning, src/trainer/) ---------------
+
+
+def ga_loss(nll: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent on the forget answers: −mean of the per-item NLL ``nll`` [B].
+
+    open-unlearning ``src/trainer/unlearn/grad_ascent.py``: ``loss = -outputs.loss``, HF's causal-LM
+    loss, the mean over every answer token of the batch; with per-item mean NLLs (``answer_nll``)
+    this is the mean over items instead (the two agree when the answers are of one length)."""
+    return -nll.mean()
+
+
+def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al., 2024): −(2/β)·mean log σ(β·(nll − ref_nll)) over the batch [B].
+
+    With log(π_θ/π_ref) = −(nll − ref_nll) this is the paper's −(2/β)·E log σ(−β·log(π_θ/π_ref)).
+    open-unlearning ``src/trainer/utils.py`` ``compute_dpo_loss`` with ``win_inputs=None``: the lose
+    log-ratio is −(nll − ref_nll) and the loss ``-2 / beta * logsigmoid(beta * (0 - lose_log_ratio))
+    .mean()``. There ``nll`` is ``compute_batch_nll``: each sequence's SUM of token NLLs (not the
+    per-token mean), and ``ref_nll`` the same under the frozen reference model; pass per-token means
+    for the length-normalised variant. ``ref_nll`` carries no gradient. ∂/∂nll_i = −(2/B)·σ(−β·(nll_i −
+    ref_nll_i)), which tends to −1/B, GA's gradient on the same ``nll``, as β → 0."""
+    if beta <= 0:
+        raise ValueError(f"NPO beta must be positive, got {beta}")
+    margin = beta * (nll - ref_nll.detach())
+    return -(2.0 / beta) * torch.nn.functional.logsigmoid(margin).mean()
+
+
+def kl_divergence(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ current) of the next-token distributions, summed over the vocabulary and
+    averaged over the positions where ``mask`` [B, T] is 1 (``logits``, ``ref_logits``: [B, T, V]).
+
+    open-unlearning ``src/trainer/utils.py`` ``compute_kl_divergence``: ``kl_div(log p_cur,
+    log p_ref, reduction="batchmean", log_target=True)`` over the flattened [B·T, V] logits, i.e. the
+    same KL averaged over EVERY position, padding included; here padding is masked out."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.detach().float(), dim=-1)
+    per_position = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
