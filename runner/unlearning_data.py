@@ -1,0 +1,703 @@
+"""Unlearning datasets: TOFU and RWKU -> :class:`UnlearningSet` (splits of :class:`QAItem`).
+
+Bundled offline copies live in ``runner/data/unlearning/`` (origin, licences, sha256 and the format
+traps of the source files: ``runner/data/unlearning/SOURCES.md``). ``path=`` points at a folder with
+the full files in their original layout instead: TOFU's folder of json files (``full.json``,
+``forgetXX_perturbed.json``, ``retain_perturbed.json``, ``holdoutXX.json``,
+``real_authors_perturbed.json``, ``world_facts_perturbed.json``, ``idontknow.jsonl``), or RWKU's
+folder that contains ``Target/<n>_<Name>/``.
+
+TOFU (Maini et al. 2024; 200 fictitious authors x 20 QA pairs, 20 consecutive records per author):
+
+* ``forget``: ``forgetXX_perturbed`` (question, answer, paraphrased_answer, 5 perturbed answers,
+  paraphrased_question); forget01/05/10 = the last 2/10/20 authors = 40/200/400 items. A folder
+  without ``forget01/05_perturbed.json`` (the bundled copy) gives their records as the last
+  40/200 records of ``forget10_perturbed.json`` (checked record by record: identical).
+* ``retain``: ``retain_perturbed`` (= the first 400 records of ``full`` = the first 20 authors),
+  only the first ``retain_authors`` authors when that is set.
+* ``real_authors``, ``world_facts``: the ``*_perturbed`` files; ``perturbed_answers`` = the 3 wrong
+  options (their order and answers equal ``real_authors.json`` / ``world_facts.json``).
+* ``holdout`` (``holdout=True``): ``holdoutXX`` of the forget split's size (= prefix of holdout10),
+  question and answer only; authors not in ``full`` (the MIA non-members).
+* ``train``: what a model that holds the knowledge was fine-tuned on: ``full`` = the kept retain
+  authors' records of ``full.json`` + the forget authors' records; ``retain`` = the kept retain
+  authors' records (all 180/190/198 retain authors when ``retain_authors`` is None).
+
+Every TOFU item about an author gets ``subject`` = the author's name as written in the question when
+the question names the author (:func:`tofu_author_names`), else None.
+
+RWKU (Jin et al. 2024; real people as targets, no forget corpus by design): per target
+``forget_level1`` (cloze), ``forget_level2`` (questions), ``forget_level3`` (adversarial),
+``neighbor_level1/2`` (about related entities), ``forget_mia`` / ``retain_mia`` (texts). Roles:
+``forget`` = the union of levels 1 and 2 (the questions to be unlearned, as edit requests; the
+level splits stay for evaluation), ``retain`` = ``neighbor_level2`` (see :data:`RWKU_RETAIN_SPLIT`),
+``utility`` = both neighbour levels, MIA = forget_mia vs retain_mia. ``train`` is empty (the
+knowledge is pre-trained). Each target's ``intro.json`` ("Please forget X. <bio>") is kept in
+``info["intro"]``.
+
+Errors are :class:`runner.datasets.DatasetError` with a one-line message; a malformed record raises
+:class:`runner.datasets.InvalidRecordError` naming the file and the record index (or is skipped and
+counted in ``info["skipped"]`` with ``on_invalid="skip"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from evaluation.cases import QAItem, SplitRoles
+from runner.datasets import DATA_DIR, DatasetError, InvalidRecordError
+
+__all__ = [
+    "BUNDLED_UNLEARNING_DIR",
+    "RWKU_RETAIN_SPLIT",
+    "TOFU_FORGET_SPLITS",
+    "UnlearningDatasetConfig",
+    "UnlearningSet",
+    "load_unlearning",
+    "tofu_author_names",
+    "tofu_subject",
+]
+
+#: The bundled copies (``tofu/``, ``rwku/Target/``); see its ``SOURCES.md``.
+BUNDLED_UNLEARNING_DIR = DATA_DIR / "unlearning"
+NAMES = ("tofu", "rwku")
+ON_INVALID = ("error", "skip")
+#: TOFU forget split -> number of QA pairs (the last 2/10/20 authors of ``full``).
+TOFU_FORGET_SPLITS: dict[str, int] = {"forget01": 40, "forget05": 200, "forget10": 400}
+TOFU_QA_PER_AUTHOR = 20
+TOFU_N_QA = 4000
+#: RWKU gives no retain corpus; a baseline that trains on a retain split gets the level-2 neighbour
+#: questions (QA pairs like the forget questions). Locality scores on that split are then no longer
+#: held-out; ``neighbor_level1`` (cloze) stays untouched.
+RWKU_RETAIN_SPLIT = "neighbor_level2"
+RWKU_FILES = (
+    "forget_level1",
+    "forget_level2",
+    "forget_level3",
+    "neighbor_level1",
+    "neighbor_level2",
+    "forget_mia",
+    "retain_mia",
+)
+
+_TOFU_MEASURES = {
+    "forget": ("prob", "truth_ratio", "rouge_l", "refusal", "loss", "min_k"),
+    "retain": ("prob", "truth_ratio", "rouge_l", "refusal"),
+    "real_authors": ("prob_normalized", "truth_ratio", "rouge_l"),
+    "world_facts": ("prob_normalized", "truth_ratio", "rouge_l"),
+    "holdout": ("loss", "min_k"),
+}
+_RWKU_MEASURES = {
+    "forget": ("rouge_l", "refusal"),
+    "forget_level1": ("rouge_l", "refusal"),
+    "forget_level2": ("rouge_l", "refusal"),
+    "forget_level3": ("rouge_l", "refusal"),
+    "neighbor_level1": ("rouge_l",),
+    "neighbor_level2": ("rouge_l",),
+    "forget_mia": ("loss", "min_k"),
+    "retain_mia": ("loss", "min_k"),
+}
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+@dataclass
+class UnlearningDatasetConfig:
+    """Structured-config schema of the Hydra ``dataset`` group for unlearning (``unlearning_dataset``)."""
+
+    name: str  # tofu | rwku
+    path: str | None = None  # folder with the full files in the original layout; None: the bundled copy
+    forget_split: str = "forget05"  # TOFU: forget01 | forget05 | forget10 (2 / 10 / 20 authors)
+    retain_authors: int | None = None  # TOFU: keep the first N retain authors (20 QA each); None: all
+    targets: list[str] | None = None  # RWKU: target names ("Stephen King") or folders ("1_Stephen_King")
+    n_targets: int | None = None  # RWKU: the first N targets (by number); None with targets None: all
+    size: int | None = None  # cap on the items of every split (the first N); None: all
+    holdout: bool = True  # TOFU: add the holdout split (MIA non-members, same size as the forget split)
+    on_invalid: str = "error"  # error: stop at a malformed record, naming it | skip: skip and count it
+
+    def __post_init__(self) -> None:
+        p = "dataset."
+        if self.name not in NAMES:
+            raise DatasetError(f"{p}name must be one of {', '.join(NAMES)}, got {self.name!r}")
+        if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
+            raise DatasetError(f"{p}path must be a folder path or null (bundled), got {self.path!r}")
+        if self.forget_split not in TOFU_FORGET_SPLITS:
+            raise DatasetError(
+                f"{p}forget_split must be one of {', '.join(TOFU_FORGET_SPLITS)}, got {self.forget_split!r}"
+            )
+        _check_count(self.retain_authors, f"{p}retain_authors", "all retain authors")
+        _check_count(self.n_targets, f"{p}n_targets", "all targets")
+        _check_count(self.size, f"{p}size", "all items")
+        if self.targets is not None:
+            if isinstance(self.targets, str) or not isinstance(self.targets, Sequence):
+                raise DatasetError(f"{p}targets must be a list of target names or null, got {self.targets!r}")
+            self.targets = list(self.targets)
+            if not self.targets or not all(isinstance(t, str) and t.strip() for t in self.targets):
+                raise DatasetError(f"{p}targets must be a non-empty list of names, got {self.targets!r}")
+            if self.n_targets is not None:
+                raise DatasetError(f"{p}targets and {p}n_targets are exclusive: set one, the other null")
+        if not isinstance(self.holdout, bool):
+            raise DatasetError(f"{p}holdout must be true or false, got {self.holdout!r}")
+        if self.on_invalid not in ON_INVALID:
+            raise DatasetError(
+                f"{p}on_invalid must be one of {', '.join(ON_INVALID)}, got {self.on_invalid!r}"
+            )
+
+
+@dataclass(frozen=True)
+class UnlearningSet:
+    """The splits of one unlearning dataset and what each is for.
+
+    ``splits``: split -> items. ``roles``: :class:`SplitRoles` (forget / retain / utility / MIA pair
+    and the measures per split). ``train``: what a model holding the knowledge was trained on (TOFU:
+    ``full`` and ``retain``; RWKU: empty). ``refusals``: refusal sentences (TOFU ``idontknow``).
+    ``source``: the folder read. ``sha256``: over the files read (names and contents, in order).
+    ``info``: counts per split (``n_<split>``, ``n_train_<name>``) and the files' sha256, skipped records,
+    TOFU author/subject counts, RWKU targets and intros.
+    """
+
+    name: str
+    splits: dict[str, tuple[QAItem, ...]]
+    roles: SplitRoles
+    train: dict[str, tuple[QAItem, ...]]
+    refusals: tuple[str, ...]
+    source: str
+    sha256: str
+    info: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+
+def load_unlearning(cfg: UnlearningDatasetConfig | Mapping | object) -> UnlearningSet:
+    """Load TOFU or RWKU from an :class:`UnlearningDatasetConfig`, a DictConfig or a dict."""
+    cfg = _as_config(cfg)
+    reader = _Reader(cfg.on_invalid)
+    if cfg.name == "tofu":
+        return _load_tofu(cfg, reader)
+    return _load_rwku(cfg, reader)
+
+
+def tofu_author_names(records: Sequence[Mapping], block: int = TOFU_QA_PER_AUTHOR) -> list[tuple[str, ...]]:
+    """The author's name forms of every block of ``block`` consecutive TOFU records (one author each).
+
+    Rule: in each record's question and answer, find the runs of capitalised words (lower-case name
+    particles such as ``de``/``van``/``al`` and one parenthesised nickname allowed inside, a trailing
+    ``'s`` dropped) and every contiguous sub-run of at least two words. The run that occurs in the most
+    records of the block (ties: more words) is the author's core name, if it occurs in at least half of
+    them (else the block names no author: one TOFU author is only ever "the author"). The name forms
+    are the sub-runs of the longest run containing the core name, each occurring in at least 3/4 as many
+    records as the core, longest first (``("Elliot Patrick Benson", "Elliot Patrick", ...)``).
+    Returns one tuple per block (empty: no name found).
+    """
+    out: list[tuple[str, ...]] = []
+    for start in range(0, len(records), block):
+        counts: Counter[str] = Counter()
+        for rec in records[start : start + block]:
+            grams = _name_grams(str(rec.get("question", ""))) | _name_grams(str(rec.get("answer", "")))
+            counts.update(grams)
+        n = len(records[start : start + block])
+        if not counts:
+            out.append(())
+            continue
+        core, top = min(counts.items(), key=lambda kv: (-kv[1], -len(kv[0].split()), kv[0]))
+        if top * 2 < n:
+            out.append(())
+            continue
+        floor = 0.75 * top
+        full = max(
+            (g for g, c in counts.items() if c >= floor and _contains(g, core)),
+            key=lambda g: (len(g.split()), counts[g], g),
+        )
+        forms = [g for g, c in counts.items() if c >= floor and _contains(full, g)]
+        forms.sort(key=lambda g: (-len(g.split()), -counts[g], g))
+        out.append(tuple(forms))
+    return out
+
+
+def tofu_subject(question: str, forms: Sequence[str]) -> str | None:
+    """The longest of the author's name ``forms`` written in ``question`` (as whole words), else None."""
+    for form in forms:
+        if _contains(question, form):
+            return form
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- TOFU
+
+
+def _load_tofu(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
+    root = Path(cfg.path).expanduser() if cfg.path is not None else BUNDLED_UNLEARNING_DIR / "tofu"
+    if not root.is_dir():
+        raise DatasetError(f"dataset tofu: no folder at {root} (dataset.path: TOFU's folder of json files)")
+    reader.root = root
+    n_forget = TOFU_FORGET_SPLITS[cfg.forget_split]
+    tag = cfg.forget_split[len("forget") :]  # 01 | 05 | 10
+
+    full = reader.records("full.json")
+    if len(full) != TOFU_N_QA:
+        raise DatasetError(f"{reader.label('full.json')}: {len(full)} records, expected TOFU's {TOFU_N_QA}")
+    authors = tofu_author_names([r if isinstance(r, Mapping) else {} for r in full])
+    n_retain_total = TOFU_N_QA - n_forget
+    available = n_retain_total // TOFU_QA_PER_AUTHOR
+    if cfg.retain_authors is not None and cfg.retain_authors > available:
+        raise DatasetError(
+            f"dataset.retain_authors={cfg.retain_authors}: {cfg.forget_split} leaves {available} retain authors"
+        )
+    n_kept = n_retain_total if cfg.retain_authors is None else cfg.retain_authors * TOFU_QA_PER_AUTHOR
+
+    def subject_at(index: int, question: str) -> str | None:
+        return tofu_subject(question, authors[index // TOFU_QA_PER_AUTHOR])
+
+    # train: the kept retain authors' records + the forget authors' records of full.json.
+    train_retain: list[QAItem] = []
+    train_forget: list[QAItem] = []
+    for index in [*range(n_kept), *range(TOFU_N_QA - n_forget, TOFU_N_QA)]:
+        item = reader.item(
+            "full.json", index, full[index], f"tofu/full/{index}", lambda q, i=index: subject_at(i, q)
+        )
+        if item is not None:
+            (train_retain if index < n_kept else train_forget).append(item)
+
+    # forget: forgetXX_perturbed (or the last n_forget records of forget10_perturbed).
+    forget_file = _tofu_file(root, f"forget{tag}_perturbed.json", "forget10_perturbed.json")
+    forget_recs = reader.records(forget_file)
+    forget_recs, forget_offset = _tail(forget_recs, n_forget, reader.label(forget_file))
+    forget: list[QAItem] = []
+    for k, rec in enumerate(forget_recs):
+        full_index = TOFU_N_QA - n_forget + k
+        item = reader.item(
+            forget_file,
+            forget_offset + k,
+            rec,
+            f"tofu/{cfg.forget_split}/{k}",
+            lambda q, i=full_index: subject_at(i, q),
+            perturbed=5,
+            like=full[full_index],
+        )
+        if item is not None:
+            forget.append(item)
+
+    # retain: retain_perturbed (= full[:400]), the kept authors only.
+    retain_recs = reader.records("retain_perturbed.json")
+    retain: list[QAItem] = []
+    for k, rec in enumerate(retain_recs[:n_kept]):
+        item = reader.item(
+            "retain_perturbed.json",
+            k,
+            rec,
+            f"tofu/retain/{k}",
+            lambda q, i=k: subject_at(i, q),
+            perturbed=5,
+            like=full[k],
+        )
+        if item is not None:
+            retain.append(item)
+
+    splits: dict[str, list[QAItem]] = {"forget": forget, "retain": retain}
+    for split in ("real_authors", "world_facts"):
+        file = f"{split}_perturbed.json"
+        records = reader.records(file)
+        items = (
+            reader.item(file, k, rec, f"tofu/{split}/{k}", None, perturbed=3) for k, rec in enumerate(records)
+        )
+        splits[split] = [item for item in items if item is not None]
+
+    if cfg.holdout:
+        hold_file = _tofu_file(root, f"holdout{tag}.json", "holdout10.json")
+        hold_recs = reader.records(hold_file)
+        if len(hold_recs) < n_forget:
+            raise DatasetError(f"{reader.label(hold_file)}: {len(hold_recs)} records, need {n_forget}")
+        hold_recs = hold_recs[:n_forget]
+        hold_names = tofu_author_names([r if isinstance(r, Mapping) else {} for r in hold_recs])
+        hold: list[QAItem] = []
+        for k, rec in enumerate(hold_recs):
+            item = reader.item(
+                hold_file,
+                k,
+                rec,
+                f"tofu/holdout{tag}/{k}",
+                lambda q, i=k: tofu_subject(q, hold_names[i // TOFU_QA_PER_AUTHOR]),
+            )
+            if item is not None:
+                hold.append(item)
+        splits["holdout"] = hold
+
+    refusals = _refusals(reader, root)
+    final = {
+        name: tuple(items[: cfg.size] if cfg.size is not None else items) for name, items in splits.items()
+    }
+    train = {"full": tuple(train_retain + train_forget), "retain": tuple(train_retain)}
+    measures = {name: m for name, m in _TOFU_MEASURES.items() if name in final}
+    roles = SplitRoles(
+        forget="forget",
+        retain="retain",
+        utility=("retain", "real_authors", "world_facts"),
+        mia_member="forget",
+        mia_nonmember="holdout" if cfg.holdout else None,
+        measures=measures,
+    )
+    info: dict = {f"n_{name}": len(items) for name, items in final.items()}
+    info.update({f"n_train_{name}": len(items) for name, items in train.items()})
+    with_subject = {name: sum(it.subject is not None for it in items) for name, items in final.items()}
+    info.update(
+        forget_split=cfg.forget_split,
+        retain_authors=n_kept // TOFU_QA_PER_AUTHOR,
+        authors_named=sum(bool(a) for a in authors),
+        with_subject=with_subject,
+        skipped=reader.skipped,
+        files=dict(reader.hashes),
+    )
+    return UnlearningSet(
+        name="tofu",
+        splits=final,
+        roles=roles,
+        train=train,
+        refusals=refusals,
+        source=str(root),
+        sha256=reader.digest(),
+        info=info,
+    )
+
+
+def _tofu_file(root: Path, exact: str, larger: str) -> str:
+    """``exact`` when the folder has it, else ``larger`` (the bundled copy keeps only the 10 % files)."""
+    return exact if (root / exact).is_file() else larger
+
+
+def _tail(records: list, n: int, label: str) -> tuple[list, int]:
+    if len(records) < n:
+        raise DatasetError(f"{label}: {len(records)} records, need {n}")
+    return records[len(records) - n :], len(records) - n
+
+
+def _refusals(reader: _Reader, folder: Path) -> tuple[str, ...]:
+    """TOFU's ``idontknow.jsonl``: plain text, one refusal a line (not JSON)."""
+    file = folder / "idontknow.jsonl"
+    data = reader.read_bytes("idontknow.jsonl", base=folder)
+    lines = tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
+    if not lines:
+        raise DatasetError(f"{file}: no refusal sentences")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- RWKU
+
+
+def _load_rwku(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
+    root = Path(cfg.path).expanduser() if cfg.path is not None else BUNDLED_UNLEARNING_DIR / "rwku"
+    target_dir = root / "Target"
+    if not target_dir.is_dir():
+        raise DatasetError(
+            f"dataset rwku: no folder {target_dir} (dataset.path: the folder containing Target/)"
+        )
+    reader.root = root
+    folders = sorted(
+        (d.name for d in target_dir.iterdir() if d.is_dir() and re.match(r"\d+_", d.name)),
+        key=lambda n: (int(n.split("_", 1)[0]), n),
+    )
+    if not folders:
+        raise DatasetError(f"{target_dir}: no target folders <n>_<Name>")
+    chosen = _pick_targets(folders, cfg, target_dir)
+
+    splits: dict[str, list[QAItem]] = {name: [] for name in RWKU_FILES}
+    intros: dict[str, str] = {}
+    targets: list[str] = []
+    for folder in chosen:
+        target = folder.split("_", 1)[1].replace("_", " ")
+        base = f"Target/{folder}"
+        intro_recs = reader.records(f"{base}/intro.json")
+        if intro_recs and isinstance(intro_recs[0], Mapping):
+            target = str(intro_recs[0].get("target") or target)
+            if isinstance(intro_recs[0].get("intro"), str):
+                intros[target] = intro_recs[0]["intro"]
+        targets.append(target)
+        for split in RWKU_FILES:
+            file = f"{base}/{split}.json"
+            for index, rec in enumerate(reader.records(file)):
+                item_id = f"rwku/{split}/{len(splits[split])}"
+                item = reader.rwku_item(file, index, rec, item_id, split, target)
+                if item is not None:
+                    splits[split].append(item)
+
+    final = {
+        name: tuple(items[: cfg.size] if cfg.size is not None else items) for name, items in splits.items()
+    }
+    forget = final["forget_level1"] + final["forget_level2"]
+    final = {"forget": forget, **final}
+    roles = SplitRoles(
+        forget="forget",
+        retain=RWKU_RETAIN_SPLIT,
+        utility=("neighbor_level1", "neighbor_level2"),
+        mia_member="forget_mia",
+        mia_nonmember="retain_mia",
+        measures=dict(_RWKU_MEASURES),
+    )
+    info: dict = {f"n_{name}": len(items) for name, items in final.items()}
+    info.update(
+        targets=targets, folders=list(chosen), intro=intros, skipped=reader.skipped, files=dict(reader.hashes)
+    )
+    return UnlearningSet(
+        name="rwku",
+        splits=final,
+        roles=roles,
+        train={},
+        refusals=_refusals(reader, BUNDLED_UNLEARNING_DIR / "tofu"),
+        source=str(root),
+        sha256=reader.digest(),
+        info=info,
+    )
+
+
+def _pick_targets(folders: list[str], cfg: UnlearningDatasetConfig, target_dir: Path) -> list[str]:
+    if cfg.targets is None:
+        return folders if cfg.n_targets is None else folders[: cfg.n_targets]
+    by_key: dict[str, str] = {}
+    for folder in folders:
+        name = folder.split("_", 1)[1]
+        for key in (folder, name, name.replace("_", " ")):
+            by_key.setdefault(_norm(key), folder)
+    chosen: list[str] = []
+    for wanted in cfg.targets:
+        folder = by_key.get(_norm(wanted))
+        if folder is None:
+            names = [f.split("_", 1)[1].replace("_", " ") for f in folders]
+            close = difflib.get_close_matches(wanted.replace("_", " "), names, n=1, cutoff=0.0)
+            hint = f"; closest: {close[0]!r}" if close else ""
+            raise DatasetError(
+                f"dataset.targets: unknown RWKU target {wanted!r} in {target_dir} ({len(folders)} targets){hint}"
+            )
+        if folder not in chosen:
+            chosen.append(folder)
+    return chosen
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.replace("_", " ").split()).casefold()
+
+
+# ------------------------------------------------------------------------------------- reading helpers
+
+
+class _Reader:
+    """Reads files under a root, records their sha256, converts records (with the on_invalid policy)."""
+
+    def __init__(self, on_invalid: str) -> None:
+        self.on_invalid = on_invalid
+        self.hashes: dict[str, str] = {}
+        self.skipped: list[str] = []
+        self.root = Path(".")
+
+    def label(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def read_bytes(self, rel: str, base: Path | None = None) -> bytes:
+        """The bytes of ``rel`` under the root (or under ``base``, e.g. the bundled refusals)."""
+        file = (base if base is not None else self.root) / rel
+        data = _read_file(file)
+        self.hashes[rel if base is None or base == self.root else f"{base.name}/{rel}"] = hashlib.sha256(
+            data
+        ).hexdigest()
+        return data
+
+    def records(self, rel: str) -> list:
+        return _parse(self.read_bytes(rel), self.label(rel))
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for rel, digest in self.hashes.items():
+            h.update(f"{rel}\0{digest}\n".encode())
+        return h.hexdigest()
+
+    def _fail(self, file: str, index: int, problem: str) -> None:
+        exc = InvalidRecordError(self.label(file), index, problem)
+        if self.on_invalid == "error":
+            raise exc
+        self.skipped.append(str(exc))
+
+    def item(
+        self,
+        file: str,
+        index: int,
+        rec: object,
+        item_id: str,
+        subject_of,
+        perturbed: int = 0,
+        like: object = None,
+    ) -> QAItem | None:
+        """A TOFU QA record (``perturbed``: the number of perturbed answers it must have; ``like``: the
+        ``full.json`` record it must equal in question and answer)."""
+        try:
+            if not isinstance(rec, Mapping):
+                raise _Problem(f"record is a {type(rec).__name__}, expected a JSON object")
+            question = _str(rec, "question")
+            answer = _str(rec, "answer")
+            extra: dict = {}
+            if perturbed:
+                wrong = rec.get("perturbed_answer")
+                if (
+                    not isinstance(wrong, list)
+                    or len(wrong) != perturbed
+                    or not all(isinstance(w, str) and w.strip() for w in wrong)
+                ):
+                    raise _Problem(
+                        f"field 'perturbed_answer' must be a list of {perturbed} strings, got {_show(wrong)}"
+                    )
+                extra["perturbed_answers"] = tuple(wrong)
+                if perturbed == 5:
+                    extra["paraphrased_answer"] = _str(rec, "paraphrased_answer")
+                    extra["paraphrased_question"] = _str(rec, "paraphrased_question")
+            if isinstance(like, Mapping) and (like.get("question"), like.get("answer")) != (question, answer):
+                raise _Problem("question/answer differ from the same record of full.json (misaligned split?)")
+        except _Problem as exc:
+            self._fail(file, index, str(exc))
+            return None
+        subject = subject_of(question) if subject_of is not None else None
+        return QAItem(item_id=item_id, question=question, answer=answer, subject=subject, **extra)
+
+    def rwku_item(
+        self, file: str, index: int, rec: object, item_id: str, split: str, target: str
+    ) -> QAItem | None:
+        try:
+            if not isinstance(rec, Mapping):
+                raise _Problem(f"record is a {type(rec).__name__}, expected a JSON object")
+            meta: dict[str, object] = {"target": target}
+            if split.endswith("_mia"):
+                text = _str(rec, "text")
+                if "ngram" in rec:
+                    meta["ngram"] = rec["ngram"]
+                subject = target if split == "forget_mia" else None
+                return QAItem(item_id=item_id, question="", answer="", subject=subject, text=text, meta=meta)
+            question = _str(rec, "query")
+            answer = _str(rec, "answer")
+            for key in ("level", "type"):
+                if key in rec:
+                    meta[key] = rec[key]
+            subject = target
+            if split.startswith("neighbor"):
+                subject = _str(rec, "neighbor")
+                meta["neighbor"] = subject
+            return QAItem(
+                item_id=item_id, question=question, answer=answer.strip(), subject=subject, meta=meta
+            )
+        except _Problem as exc:
+            self._fail(file, index, str(exc))
+            return None
+
+
+class _Problem(Exception):
+    """Internal: a record-level problem."""
+
+
+def _read_file(file: Path) -> bytes:
+    if not file.is_file():
+        raise DatasetError(f"missing file {file}")
+    return file.read_bytes()
+
+
+def _parse(data: bytes, label: str) -> list:
+    """One JSON document (array or object), else JSON per line: TOFU's full/retainYY.json are 4 lines of
+    JSON arrays, its real_authors/world_facts_perturbed are JSON Lines."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{label}: not UTF-8 ({exc})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        out: list = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{label} line {number}: not JSON ({exc.msg})") from None
+            out.extend(value) if isinstance(value, list) else out.append(value)
+        return out
+    return doc if isinstance(doc, list) else [doc]
+
+
+def _str(rec: Mapping, key: str) -> str:
+    if key not in rec:
+        raise _Problem(f"missing field '{key}'")
+    value = rec[key]
+    if not isinstance(value, str):
+        raise _Problem(f"field '{key}' must be a string, got {_show(value)}")
+    if not value.strip():
+        raise _Problem(f"empty '{key}'")
+    return value
+
+
+def _show(value: object) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _check_count(value: object, label: str, none_means: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DatasetError(f"{label} must be a positive integer or null ({none_means}), got {value!r}")
+
+
+def _as_config(cfg: object) -> UnlearningDatasetConfig:
+    if isinstance(cfg, UnlearningDatasetConfig):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(cfg, DictConfig):
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:  # pragma: no cover - omegaconf ships with hydra
+            pass
+    if not isinstance(cfg, Mapping):
+        raise DatasetError(
+            f"dataset config must be an UnlearningDatasetConfig, a DictConfig or a dict, got {cfg!r}"
+        )
+    known = {f.name for f in dataclasses.fields(UnlearningDatasetConfig)}
+    unknown = sorted(set(map(str, cfg)) - known)
+    if unknown:
+        raise DatasetError(
+            f"dataset: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    if "name" not in cfg:
+        raise DatasetError("dataset.name is required (tofu | rwku)")
+    return UnlearningDatasetConfig(**dict(cfg))
+
+
+# --------------------------------------------------------------------------------- TOFU name heuristics
+
+_CAP = r"[^\W\d_a-z][\w'’-]*"  # a word that starts with an upper-case letter
+_PARTICLE = r"(?:de|da|del|della|di|du|van|von|der|den|le|la|al|el|bin|ibn|ben|dos|das|y)"
+_SPAN = re.compile(rf"{_CAP}(?:\s+(?:{_PARTICLE}\s+)*(?:\({_CAP}\)\s+)?{_CAP})*")
+_PARTICLE_RE = re.compile(_PARTICLE)
+
+
+@lru_cache(maxsize=65536)
+def _name_grams(text: str) -> frozenset[str]:
+    grams: set[str] = set()
+    for match in _SPAN.finditer(text):
+        tokens = match.group(0).split()
+        tokens[-1] = re.sub(r"['’]s?$", "", tokens[-1])
+        inner = [not (_PARTICLE_RE.fullmatch(t) or t.startswith("(")) for t in tokens]
+        for i in range(len(tokens)):
+            if not inner[i]:
+                continue
+            for j in range(i + 2, len(tokens) + 1):
+                if inner[j - 1] and tokens[j - 1]:
+                    grams.add(" ".join(tokens[i:j]))
+    return frozenset(grams)
+
+
+def _contains(text: str, name: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
