@@ -162,6 +162,7 @@ class GradientUnlearning(EditorBase):
     """GA / GradDiff / NPO (see the module docstring)."""
 
     config: GradientUnlearningConfig
+    APPLY_ONCE = True  # trains on the whole forget set: task=unlearn passes every request at once
     MEMORY_KNOBS = (
         ("editor.batch_size", "forget (and retain) items per batch of an unlearning baseline"),
         ("editor.lora.enabled", "train a LoRA adapter instead of every parameter"),
