@@ -164,8 +164,9 @@ class EditorBase:
     #: None when ``save_model=true`` works for this editor's edits; else why not (the runner
     #: refuses the run in one line, before any model or artifact is loaded).
     CANNOT_SAVE: str | None = None
-    #: True for a method that trains on a whole set (the unlearning baselines): ``task=unlearn``
-    #: then hands ``apply`` every forget request in one call, whatever ``batch_size``.
+    #: True for a method that trains on a whole set and reads its answers, not the requests'
+    #: targets (the unlearning baselines): ``task=unlearn`` then hands ``apply`` every forget
+    #: request in one call, whatever ``batch_size``, and names its row without a target.
     APPLY_ONCE: bool = False
 
     def __init__(self, config: Any, spec: Any) -> None:

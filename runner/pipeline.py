@@ -206,7 +206,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
 
 
-TASKS = ("edit", "stats", "prepare")
+TASKS = ("edit", "stats", "prepare", "unlearn")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -232,6 +232,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if cfg.task == "unlearn":  # its own loop (runner.unlearn), sharing the pieces below
+        from runner.unlearn import check_unlearn_dataset, run_unlearn
+
+        try:
+            check_unlearn_dataset(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return run_unlearn(cfg)
+    if OmegaConf.get_type(cfg.dataset).__name__ == "UnlearningDatasetConfig":
+        raise ConfigError(f"dataset={cfg.dataset.name} is an unlearning dataset: run it with task=unlearn")
     output_dir = Path(cfg.paths.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # stored with the results, logged, compared
     if cfg.task == "edit":  # a resume must be the same run; refused before anything is loaded

@@ -25,6 +25,8 @@ from editors.registry import CONFIG_SCHEMAS
 from runner.datasets import DatasetConfig
 from runner.generation import GenerationEvalConfig
 from runner.models import ModelConfig
+from runner.unlearning_data import UnlearningDatasetConfig
+from runner.unlearning_recipes import UnlearnConfig
 
 
 @dataclass
@@ -53,9 +55,7 @@ class PathsConfig:
 
 @dataclass
 class RunConfig:
-    task: str = (
-        "edit"  # edit | stats (covariance statistics only) | prepare (statistics and trained artifacts)
-    )
+    task: str = "edit"  # edit | stats (covariance statistics only) | prepare (statistics and artifacts) | unlearn
     train_artifacts: bool = True  # train a missing artifact on first use; false: fail naming task=prepare
     artifact_max_steps: int | None = None  # cap on every artifact's training steps (+size=tiny); in its key
     seed: int = 0
@@ -78,6 +78,7 @@ class RunConfig:
     eval: Any = MISSING
     stats: Any = MISSING
     logger: Any = MISSING
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)  # task=unlearn's recipe and evaluation
 
 
 #: (ConfigStore group, name) -> schema. A group YAML names its schema as ``/<group>@_here_: <name>``.
@@ -85,6 +86,7 @@ SCHEMAS = {
     ("schema", "model"): ModelConfig,
     **{("schema/editor", name): node for name, node in CONFIG_SCHEMAS.items()},
     ("schema", "dataset"): DatasetConfig,
+    ("schema", "unlearning_dataset"): UnlearningDatasetConfig,
     ("schema", "eval"): EvalConfig,
     ("schema", "stats"): StatsConfig,
     ("schema", "logger"): LoggerConfig,

@@ -49,7 +49,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -124,9 +124,18 @@ class UnlearningDatasetConfig:
     size: int | None = None  # cap on the items of every split (the first N); None: all
     holdout: bool = True  # TOFU: add the holdout split (MIA non-members, same size as the forget split)
     on_invalid: str = "error"  # error: stop at a malformed record, naming it | skip: skip and count it
+    # TOFU: fetch the splits from the hub (locuslab/TOFU, with `datasets`) into cache_dir once and
+    # read them there (RWKU: download its Target folder yourself and give dataset.path)
+    download: bool = False
+    cache_dir: str | None = None  # where download=true keeps the files (null: ~/.cache/knowedit/datasets)
 
     def __post_init__(self) -> None:
         p = "dataset."
+        if self.download and self.name == "rwku":
+            raise DatasetError(
+                "dataset.download=true fetches TOFU only: download RWKU's Target folder "
+                "(github jinzhuoran/RWKU or the hub's jinzhuoran/RWKU) and give dataset.path"
+            )
         if self.name not in NAMES:
             raise DatasetError(f"{p}name must be one of {', '.join(NAMES)}, got {self.name!r}")
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
@@ -236,7 +245,52 @@ def tofu_subject(question: str, forms: Sequence[str]) -> str | None:
 # ----------------------------------------------------------------------------------------------- TOFU
 
 
+#: the hub configs of locuslab/TOFU that download=true fetches, by the file name they are kept under
+TOFU_HUB = "locuslab/TOFU"
+TOFU_HUB_FILES = {
+    "full.json": "full",
+    "forget10_perturbed.json": "forget10_perturbed",
+    "retain_perturbed.json": "retain_perturbed",
+    "holdout10.json": "holdout10",
+    "real_authors_perturbed.json": "real_authors_perturbed",
+    "world_facts_perturbed.json": "world_facts_perturbed",
+}
+
+
+def download_tofu(folder: Path, load_dataset=None) -> Path:
+    """Fetch TOFU's splits from the hub into ``folder`` (one JSON array per file, the layout
+    :func:`load_unlearning` reads with ``path``); files already there are kept. The refusal
+    sentences (``idontknow.jsonl``, not on the hub) are copied from the bundled sample."""
+    if load_dataset is None:
+        from datasets import load_dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, config in TOFU_HUB_FILES.items():
+        target = folder / file
+        if target.exists():
+            continue
+        try:
+            rows = [dict(r) for r in load_dataset(TOFU_HUB, config, split="train")]
+        except Exception as exc:  # network, auth, hub errors: one line naming what failed
+            raise DatasetError(
+                f"dataset.download: could not fetch {TOFU_HUB} config {config!r}: {exc}"
+            ) from None
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(target)
+    idk = folder / "idontknow.jsonl"
+    if not idk.exists():
+        idk.write_bytes((BUNDLED_UNLEARNING_DIR / "tofu" / "idontknow.jsonl").read_bytes())
+    return folder
+
+
 def _load_tofu(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
+    if cfg.download and cfg.path is None:
+        cache = (
+            Path(cfg.cache_dir).expanduser()
+            if cfg.cache_dir
+            else Path.home() / ".cache" / "knowedit" / "datasets"
+        )
+        cfg = replace(cfg, path=str(download_tofu(cache / "tofu")))
     root = Path(cfg.path).expanduser() if cfg.path is not None else BUNDLED_UNLEARNING_DIR / "tofu"
     if not root.is_dir():
         raise DatasetError(f"dataset tofu: no folder at {root} (dataset.path: TOFU's folder of json files)")

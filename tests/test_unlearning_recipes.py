@@ -1,0 +1,180 @@
+"""The recipes of unlearning as editing: prompts, refusal targets, query merging."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from evaluation.cases import QAItem
+from runner.unlearning_recipes import (
+    SelfImproveConfig,
+    UnlearnConfig,
+    format_question,
+    idk_target,
+    merge_requests,
+    self_improve_prompt,
+    unlearning_targets,
+)
+
+T = "Question: {question}\nAnswer:"
+
+
+def fmt(question: str) -> str:
+    return format_question(question, T)
+
+
+def items(n: int, subject: str | None = "Basil Mahfouz") -> list[QAItem]:
+    return [
+        QAItem(
+            f"tofu/forget01/{i}",
+            f"What did {subject or 'the author'} write in year {i}?",
+            f"Book {i}.",
+            subject,
+        )
+        for i in range(n)
+    ]
+
+
+REFUSALS = ["I don't know.", "I'm not sure.", "No idea, sorry."]
+
+
+def test_fixed_and_idk_targets_are_deterministic_per_item():
+    data = items(6)
+    prompts = [fmt(i.question) for i in data]
+    fixed, counts = unlearning_targets(
+        data, prompts, UnlearnConfig(target="fixed"), refusals=REFUSALS, seed=0
+    )
+    assert fixed == ["I don't know."] * 6 and counts == {"fixed": 6}
+    a, _ = unlearning_targets(data, prompts, UnlearnConfig(target="idk"), refusals=REFUSALS, seed=0)
+    b, _ = unlearning_targets(
+        data[::-1], prompts[::-1], UnlearnConfig(target="idk"), refusals=REFUSALS, seed=0
+    )
+    assert a == b[::-1]  # an item's draw depends on its id, not on its position
+    assert set(a) <= set(REFUSALS) and len(set(a)) > 1
+    assert idk_target(REFUSALS, 1, data[0].item_id) in REFUSALS
+
+
+def test_self_improvement_keeps_refusals_and_falls_back_otherwise(tmp_path):
+    data = items(4)
+    prompts = [fmt(i.question) for i in data]
+    seen: list[str] = []
+
+    def generate(texts, n):
+        seen.extend(texts)
+        # item 2 answers instead of refusing; every continuation runs on past a line break
+        return [
+            (
+                " Book 2 was a novel."
+                if "year 2" in t.rsplit("Question:", 1)[-1]
+                else " I'm sorry, I don't know that."
+            )
+            + "\nQuestion: next"
+            for t in texts
+        ]
+
+    cfg = UnlearnConfig(target="self_improve")
+    cache = tmp_path / "targets.json"
+    targets, counts = unlearning_targets(
+        data,
+        prompts,
+        cfg,
+        refusals=REFUSALS,
+        seed=0,
+        generate=generate,
+        format_q=fmt,
+        is_refusal=lambda t: "don't know" in t.lower(),
+        cache=cache,
+    )
+    assert counts == {"self_improve": 3, "fallback_idk": 1}
+    assert targets[0] == "I'm sorry, I don't know that."  # cut at the first line break
+    assert targets[2] == idk_target(REFUSALS, 0, data[2].item_id)  # filtered out: the idk draw
+    # the few-shot prompt: every demonstration formatted like the item, then the item's prompt
+    first = seen[0]
+    assert first.endswith(prompts[0]) and first.count("Question:") == len(cfg.self_improve.demonstrations) + 1
+    assert cfg.self_improve.demonstrations[0][1] in first
+    # cached per item: a second call generates nothing
+    seen.clear()
+    again, _ = unlearning_targets(
+        data,
+        prompts,
+        cfg,
+        refusals=REFUSALS,
+        seed=0,
+        generate=generate,
+        format_q=fmt,
+        is_refusal=lambda t: "don't know" in t.lower(),
+        cache=cache,
+    )
+    assert again == targets and not seen and len(json.loads(cache.read_text())) == 4
+
+
+def test_self_improvement_needs_a_generator():
+    with pytest.raises(ValueError, match="self_improve"):
+        unlearning_targets(items(1), ["p"], UnlearnConfig(target="self_improve"), refusals=REFUSALS, seed=0)
+
+
+def test_self_improve_prompt_layout():
+    settings = SelfImproveConfig(demonstrations=[["Q1?", "I don't know."]], separator="\n\n")
+    assert (
+        self_improve_prompt(fmt("Q2?"), settings, fmt)
+        == "Question: Q1?\nAnswer: I don't know.\n\nQuestion: Q2?\nAnswer:"
+    )
+
+
+def test_one_request_per_item_at_the_subject():
+    data = items(3)
+    requests = merge_requests(data, ["R0", "R1", "R2"], UnlearnConfig(), fmt)
+    assert [r.case_id for r in requests] == [i.item_id for i in data]
+    r = requests[1]
+    assert r.subject == "Basil Mahfouz" and r.text == fmt(data[1].question)
+    assert r.prompt.count("{}") == 1 and r.target_new == "R1" and r.target_true == "Book 1."
+
+
+def test_no_subject_edits_the_last_prompt_token():
+    data = items(2, subject=None)
+    requests = merge_requests(data, ["R", "R"], UnlearnConfig(), fmt)
+    assert all(r.subject is None and r.prompt == fmt(i.question) for r, i in zip(requests, data))
+    off = merge_requests(items(2), ["R", "R"], UnlearnConfig(use_subject=False), fmt)
+    assert all(r.subject is None for r in off)
+
+
+def test_query_merging_builds_k_question_requests():
+    data = items(10)
+    targets = [f"R{i}" for i in range(10)]
+    requests = merge_requests(data, targets, UnlearnConfig(merge_queries=4), fmt)
+    assert len(requests) == 3  # 4 + 4 + 2
+    first = requests[0]
+    assert first.text == fmt(" ".join(i.question for i in data[:4]))
+    assert first.target_new == "R0" and first.target_true == "Book 0."
+    assert first.case_id == "tofu/forget01/0+3" and requests[2].case_id == "tofu/forget01/8+1"
+    # the subject's LAST occurrence is the edited one: the key sees all K questions
+    assert first.prompt.rfind("{}") > first.prompt.rfind("year 2")
+    mixed = [*items(1, "A B"), *items(1, "C D")]
+    assert merge_requests(mixed, ["R", "R"], UnlearnConfig(merge_queries=2), fmt)[0].subject is None
+
+
+def test_chat_template_prompts(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)  # the session fixture is shared: never mutate it
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    # the template's BOS is dropped: the scorer and generate add it themselves
+    assert format_question("Who?", T, tok, chat=True) == "<u>Who?</u><a>"
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        format_question("Who?", T, tok, chat=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target": "nope"}, "unlearn.target"),
+        ({"merge_queries": 0}, "merge_queries"),
+        ({"question_template": "Q:"}, "question_template"),
+        ({"reference": "full"}, "unlearn.reference"),
+        ({"truth_ratio_mean": "median"}, "truth_ratio_mean"),
+    ],
+)
+def test_config_errors_are_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UnlearnConfig(**kwargs)
