@@ -55,7 +55,9 @@ class PathsConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "edit"  # edit | stats (covariance statistics only) | prepare (statistics and artifacts) | unlearn
+    task: str = (
+        "edit"  # edit | stats (covariance statistics only) | prepare (statistics and artifacts) | unlearn
+    )
     train_artifacts: bool = True  # train a missing artifact on first use; false: fail naming task=prepare
     artifact_max_steps: int | None = None  # cap on every artifact's training steps (+size=tiny); in its key
     seed: int = 0
