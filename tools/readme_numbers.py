@@ -70,7 +70,9 @@ def render_printed_table(runs: list[tuple[Job, Path]]) -> str:
     return "```\n" + "\n".join(rows) + "\n```"
 
 
-def render_headline(columns: Sequence[str] = ("efficacy", "generality", "locality", "score")):
+def render_headline(
+    columns: Sequence[str] = ("efficacy", "generality", "locality", "score"), digits: int = 1
+):
     """A row per job: the post-edit means of ``columns`` (the runner's table formatter)."""
 
     def render(runs: list[tuple[Job, Path]]) -> str:
@@ -78,7 +80,7 @@ def render_headline(columns: Sequence[str] = ("efficacy", "generality", "localit
         for job, folder in runs:
             post = _summary(folder)["metrics"]["post"]
             rows.append((job.label, {c: post[c]["mean"] for c in columns if c in post}))
-        return format_table(rows, columns, digits=1)
+        return format_table(rows, columns, digits=digits)
 
     return render
 
@@ -126,6 +128,30 @@ LIFELONG = [
     ("WISE (one at a time)", ["editor=wise", "batch_size=1"]),
 ]
 
+#: task=unlearn on the TOFU toy (forget05, 10 retain authors' worth of facts): every method's row
+UNLEARN = [
+    ("full model (nothing unlearned)", ["editor=unedited"]),
+    ("ROME, fixed refusal", ["editor=rome", "unlearn.target=fixed"]),
+    ("ROME, query merging (K=4)", ["editor=rome", "unlearn.target=fixed", "unlearn.merge_queries=4"]),
+    ("MEMIT, idk refusal", ["editor=memit"]),
+    ("MEMIT, query merging (K=4)", ["editor=memit", "unlearn.target=fixed", "unlearn.merge_queries=4"]),
+    ("AlphaEdit, self-improved refusal", ["editor=alphaedit", "unlearn.target=self_improve"]),
+    ("CoME-MEMIT, idk refusal", ["editor=come_memit"]),
+    ("GRACE, idk refusal", ["editor=grace"]),
+    ("WISE, idk refusal", ["editor=wise"]),
+    ("GA", ["editor=ga"]),
+    ("GradDiff", ["editor=grad_diff"]),
+    ("NPO", ["editor=npo"]),
+]
+UNLEARN_COLUMNS = (
+    "forget_quality",
+    "model_utility",
+    "forget_rouge_l",
+    "retain_rouge_l",
+    "refusal_rate",
+    "mia_loss_auc",
+)
+
 BLOCKS: dict[str, Block] = {
     b.name: b
     for b in [
@@ -165,6 +191,11 @@ BLOCKS: dict[str, Block] = {
             render_headline(),
         ),
         Block(
+            "unlearn_tofu",
+            [Job(label, ["task=unlearn", "dataset=tofu", *args]) for label, args in UNLEARN],
+            render_headline(UNLEARN_COLUMNS, digits=3),
+        ),
+        Block(
             "stream",
             [Job("make bench (stream)", ["--checkpoints", "10,100"])],
             render_bench,
@@ -187,7 +218,7 @@ def machine_line() -> str:
     env = run_environment()
     gpu = f", GPU {env['gpu']}" if env["gpu"] else ""
     return (
-        f"{env['cpu']}, {os.cpu_count()} cores{gpu}; Python {env['python']}, "
+        f"{env['cpu']}, {os.cpu_count()} cores ({env['torch_threads']} torch threads){gpu}; Python {env['python']}, "
         f"torch {env['packages']['torch']}, transformers {env['packages']['transformers']}"
     )
 
