@@ -23,13 +23,18 @@ test:  ## the default test suite (CPU, no network, a few minutes)
 test-slow:  ## the slow tests (longer end-to-end runs)
 	$(PY) -m pytest -q -m slow
 
-presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3) on the toy model at tiny size (CI runs it)
+# the unlearning presets' rows that CI runs at tiny size (UNLEARN_TINY=<all of conf/recipe> for every row)
+UNLEARN_TINY ?= memit_fixed,memit_merged,alphaedit_self_improve,wise_fixed,npo
+
+presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3, unlearning on TOFU and RWKU) on the toy model at tiny size (CI runs it)
 	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=4,16' $(ARGS)
 	$(PY) run.py +experiment=alphaedit_table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=lifelong_zsre +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=1,4,16' $(ARGS)
 	$(PY) run.py +experiment=sss_table3 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
+	$(PY) run.py +experiment=unlearn_tofu +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 '+recipe=$(UNLEARN_TINY)' $(ARGS)
+	$(PY) run.py +experiment=unlearn_rwku +size=tiny model=toy threads=2 progress=false model.train.progress=false '+recipe=$(UNLEARN_TINY)' $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)
