@@ -23,6 +23,7 @@ Deviations from the reference code, deliberately:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from numbers import Real
@@ -101,9 +102,6 @@ def is_refusal(text: str, keywords: Sequence[str] = REFUSAL_KEYWORDS) -> bool:
     return any(k.translate(_APOSTROPHES).lower() in norm for k in keywords if k)
 
 
-_ROUGE_SCORER = None
-
-
 def rouge_l_recall(prediction: str, reference: str) -> float:
     """ROUGE-L recall of ``prediction`` against ``reference``: LCS(tokens) / len(reference tokens).
 
@@ -111,12 +109,15 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     ``evals.metrics.utils.eval_text_similarity`` (``rougeL_recall``): ``rouge_score``'s
     ``RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].recall``.
     """
-    global _ROUGE_SCORER
-    if _ROUGE_SCORER is None:
-        from rouge_score import rouge_scorer
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].recall)
 
-        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(_ROUGE_SCORER.score(reference, prediction)["rougeL"].recall)
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    """One stemming ROUGE-L scorer (building it loads the Porter stemmer), made on first use."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def truth_ratio(correct_logprob: float, wrong_logprobs: Sequence[float], mean: str = "geometric") -> float:
