@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+import evaluation.unlearning  # noqa: F401 (registers the unlearning metrics: their arrows and decimals)
 from evaluation.metrics import METRICS
 from evaluation.tables import format_cell
 
@@ -218,6 +219,13 @@ def _header(metric: str, names: Mapping[str, str], latex: bool = False) -> str:
     return f"{names.get(metric, metric)} {arrow}".strip()
 
 
+def _digits(metric: str) -> int:
+    """Decimals of a column: 1 for percentages (scale 100), 3 for raw fractions and p-values (the
+    unlearning metrics, registered with scale 1)."""
+    info = METRICS.resolve(metric)
+    return 3 if info is not None and info.scale == 1.0 else 1
+
+
 def _cell(entry: Mapping | None, digits: int = 1, latex: bool = False) -> str:
     """ "mean ± stderr" (``evaluation.tables.format_cell``); LaTeX puts the ± part in small type.
     A missing or NaN mean is a dash."""
@@ -238,14 +246,18 @@ def to_markdown(table: PaperTable, layout: Mapping) -> str:
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---", *(["---:"] * len(table.columns))]) + "|")
     for r in table.rows:
-        lines.append("| " + " | ".join([r.label, *(_cell(r.metrics.get(c)) for c in table.columns)]) + " |")
+        lines.append(
+            "| " + " | ".join([r.label, *(_cell(r.metrics.get(c), _digits(c)) for c in table.columns)]) + " |"
+        )
     for ref, rows in table.references:
         lines.append(
             "| " + " | ".join([f"*published ({ref['protocol']})*", *([""] * len(table.columns))]) + " |"
         )
         for r in rows:
             lines.append(
-                "| " + " | ".join([f"{r.label} †", *(_cell(r.metrics.get(c)) for c in table.columns)]) + " |"
+                "| "
+                + " | ".join([f"{r.label} †", *(_cell(r.metrics.get(c), _digits(c)) for c in table.columns)])
+                + " |"
             )
     lines.append("")
     lines.extend(f"- {note}" for note in table.notes)
@@ -290,7 +302,12 @@ def to_latex(table: PaperTable, layout: Mapping) -> str:
     ]
     for r in table.rows:
         lines.append(
-            " & ".join([_tex_escape(r.label), *(_cell(r.metrics.get(c), latex=True) for c in table.columns)])
+            " & ".join(
+                [
+                    _tex_escape(r.label),
+                    *(_cell(r.metrics.get(c), _digits(c), latex=True) for c in table.columns),
+                ]
+            )
             + " \\\\"
         )
     for ref, rows in table.references:
@@ -303,7 +320,7 @@ def to_latex(table: PaperTable, layout: Mapping) -> str:
                 " & ".join(
                     [
                         _tex_escape(r.label) + "$^\\dagger$",
-                        *(_cell(r.metrics.get(c), latex=True) for c in table.columns),
+                        *(_cell(r.metrics.get(c), _digits(c), latex=True) for c in table.columns),
                     ]
                 )
                 + " \\\\"

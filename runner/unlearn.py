@@ -492,6 +492,7 @@ def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_
         "protocol": {
             "task": "unlearn",
             "editor": cfg.editor._target_,
+            "edit_mode": "sequential",  # the requests' edits accumulate: one model forgets them all
             "batch_size": cfg.batch_size,
             "seed": cfg.seed,
             "unlearn": OmegaConf.to_container(cfg.unlearn, resolve=True),
@@ -499,7 +500,9 @@ def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_
             "n_requests": len(requests),
             "refusal_keywords": list(ucfg.refusal_keywords or REFUSAL_KEYWORDS),
             "dataset": {
-                "name": data.name,
+                # one table per forget split (TOFU's forget01/05/10 are different tasks)
+                "name": "-".join(filter(None, [data.name, data.info.get("forget_split")])),
+                "size": cfg.dataset.get("size"),
                 "source": data.source,
                 "sha256": data.sha256,
                 "splits": {s: len(v) for s, v in data.splits.items()},
