@@ -222,7 +222,7 @@ def _header(metric: str, names: Mapping[str, str], latex: bool = False) -> str:
 def _digits(metric: str) -> int:
     """Decimals of a column: 1 for percentages (scale 100), 3 for raw fractions and p-values (the
     unlearning metrics, registered with scale 1)."""
-    info = METRICS.resolve(metric)
+    info = METRICS.resolve(metric) or METRICS.resolve(metric.rsplit("/", 1)[-1])  # "<split>/<measure>"
     return 3 if info is not None and info.scale == 1.0 else 1
 
 
