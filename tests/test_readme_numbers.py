@@ -15,9 +15,10 @@ def test_every_readme_block_has_a_recipe_and_markers_pair_up():
     for name in names:
         assert text.count(f"<!-- numbers:{name} -->") == 1
         assert text.count(f"<!-- /numbers:{name} -->") == 1
-        assert (
-            "Written by `make readme-numbers`"
-            in text.split(f"<!-- numbers:{name} -->")[1].split(f"<!-- /numbers:{name} -->")[0]
+        body = text.split(f"<!-- numbers:{name} -->")[1].split(f"<!-- /numbers:{name} -->")[0]
+        # written by the tool's full rerun, or rendered by its block renderer from the named commands' runs
+        assert "Written by `make readme-numbers`" in body or (
+            f"Rendered by `tools/readme_numbers.py` (block `{name}`" in body and "summary.json" in body
         )
 
 
