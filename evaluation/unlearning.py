@@ -34,8 +34,9 @@ import torch
 from editors.core.logits import logits_at
 from evaluation.aggregate import harmonic_mean, register_aggregation
 from evaluation.cases import QAItem, SplitRoles
+from evaluation.generation import _context_length  # the one lookup of a model's positions in evaluation/
 from evaluation.metrics import register_metric
-from evaluation.scoring import TokenizedAnswer, score_texts, tokenize_answers
+from evaluation.scoring import TokenizedAnswer, _pad_id, score_texts, tokenize_answers
 
 __all__ = [
     "MEASURES",
@@ -231,23 +232,6 @@ def min_k_logprob(token_logprobs: Sequence[float], k: float = 0.4) -> float:
 
 
 # ------------------------------------------------------------------------------- model passes
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _context_length(model) -> int | None:
-    config = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 def _tokenize_text(tokenizer, text: str, max_len: int | None) -> TokenizedAnswer:
