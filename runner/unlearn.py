@@ -5,7 +5,8 @@ tracking and reporting with ``task=edit``; it never names a method):
 
 1. load the unlearning dataset (``dataset=tofu|rwku``: :mod:`runner.unlearning_data`) and the
    model that holds the knowledge: a hub model (e.g. one fine-tuned on TOFU) or, on CPU, the
-   ``toy`` trained on the dataset's ``train["full"]`` items (question -> answer);
+   ``toy`` trained on the dataset's ``train["full"]`` items (question -> answer), and with
+   ``unlearn.toy_refusals`` on refusals to questions it does not know (``train["unseen"]``);
 2. the reference model of forget quality and privleak (``unlearn.reference=retain``): the toy
    trained on ``train["retain"]`` only, or ``unlearn.reference_hub_id``; its forget-split truth
    ratios and MIA scores are computed once and cached by content;
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,6 @@ from editors.core.targets import TargetCache
 from evaluation.cases import QAItem
 from evaluation.tables import format_table
 from evaluation.unlearning import (
-    REFUSAL_KEYWORDS,
     greedy_generate,
     is_refusal,
     score_items,
@@ -53,7 +54,9 @@ from runner.unlearning_data import UnlearningSet, load_unlearning
 from runner.unlearning_recipes import (
     UnlearnConfig,
     format_question,
+    idk_target,
     merge_requests,
+    refusal_keywords,
     self_improve_prompt,
     unlearning_targets,
 )
@@ -93,13 +96,30 @@ class Prompter:
         return "" if item.text is not None else self(item.question)
 
 
-def _toy_facts(items, prompter: Prompter) -> list[ToyFact]:
+def _toy_facts(items, prompter: Prompter, answers: Sequence[str] | None = None) -> list[ToyFact]:
+    """The toy's (prompt, answer) facts of ``items`` (their own answers, or ``answers``)."""
     seen: dict[str, ToyFact] = {}
-    for item in items:
-        if item.text is None and item.question.strip() and item.answer.strip():
+    for k, item in enumerate(items):
+        answer = item.answer if answers is None else answers[k]
+        if item.text is None and item.question.strip() and answer.strip():
             prompt = prompter(item.question)
-            seen.setdefault(prompt, ToyFact(prompt, item.answer.strip()))
+            seen.setdefault(prompt, ToyFact(prompt, answer.strip()))
     return sorted(seen.values())
+
+
+def _toy_refusals(data: UnlearningSet, prompter: Prompter, ucfg: UnlearnConfig, seed: int) -> list[ToyFact]:
+    """``unlearn.toy_refusals`` questions of ``train["unseen"]``, each answered with a refusal
+    (``idk_target``'s draw): both toys learn them, so that a refusal is an answer the toy can give."""
+    if not ucfg.toy_refusals:
+        return []
+    unseen = list(data.train.get("unseen", ()))[: ucfg.toy_refusals]
+    if len(unseen) < ucfg.toy_refusals:
+        raise ValueError(
+            f"unlearn.toy_refusals={ucfg.toy_refusals}: dataset {data.name} has {len(unseen)} unseen "
+            "questions (TOFU: the retain authors dataset.retain_authors leaves out)"
+        )
+    refusals = list(data.refusals) or [ucfg.fixed_target]
+    return _toy_facts(unseen, prompter, [idk_target(refusals, seed, item.item_id) for item in unseen])
 
 
 def _qa_items(data: UnlearningSet, split: str) -> list[QAItem]:
@@ -140,11 +160,13 @@ def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: Un
         def check(tokenizer) -> None:
             check_item_lengths(data, prompter, ucfg, tokenizer, limit, reserve)
 
+        declined = _toy_refusals(data, prompter, ucfg, int(cfg.seed))
         loaded = load_toy_on_facts(
             cfg.model,
             _toy_facts(_toy_training(data, "full", capped), prompter),
             cache_dir=cache_dir,
             seed=_toy_seed(cfg),
+            extra=declined,
             check=check,
         )
         check(loaded.tokenizer)  # also when the toy came from the cache
@@ -155,6 +177,7 @@ def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: Un
                 _toy_facts(_toy_training(data, "retain", capped), prompter),
                 cache_dir=cache_dir,
                 seed=_toy_seed(cfg),
+                extra=declined,
             )
         return loaded, reference, prompter
     loaded = load_model(cfg.model, cache_dir=cache_dir, seed=cfg.seed)
@@ -246,7 +269,7 @@ class Scorer:
 
     def __init__(self, data: UnlearningSet, prompter: Prompter, ucfg: UnlearnConfig, progress: bool) -> None:
         self.data, self.prompter, self.ucfg, self.progress = data, prompter, ucfg, progress
-        self.keywords = tuple(ucfg.refusal_keywords or REFUSAL_KEYWORDS)
+        self.keywords = refusal_keywords(ucfg, data.refusals)
 
     def split(self, model, tokenizer, split: str, items, measures=None) -> list[dict]:
         measures = measures or self.data.roles.measures.get(split, ())
@@ -498,7 +521,7 @@ def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_
             "unlearn": OmegaConf.to_container(cfg.unlearn, resolve=True),
             "targets": target_sources,
             "n_requests": len(requests),
-            "refusal_keywords": list(ucfg.refusal_keywords or REFUSAL_KEYWORDS),
+            "refusal_keywords": list(refusal_keywords(ucfg, data.refusals)),
             "dataset": {
                 # one table per forget split (TOFU's forget01/05/10 are different tasks)
                 "name": "-".join(filter(None, [data.name, data.info.get("forget_split")])),

@@ -21,7 +21,9 @@ TOFU (Maini et al. 2024; 200 fictitious authors x 20 QA pairs, 20 consecutive re
   question and answer only; authors not in ``full`` (the MIA non-members).
 * ``train``: what a model that holds the knowledge was fine-tuned on: ``full`` = the kept retain
   authors' records of ``full.json`` + the forget authors' records; ``retain`` = the kept retain
-  authors' records (all 180/190/198 retain authors when ``retain_authors`` is None).
+  authors' records (all 180/190/198 retain authors when ``retain_authors`` is None); and
+  ``unseen`` = the retain authors' records that ``retain_authors`` leaves out (absent when it
+  keeps them all): no model learns their answers; a toy may learn to decline them.
 
 Every TOFU item about an author gets ``subject`` = the author's name as written in the question when
 the question names the author (:func:`tofu_author_names`), else None.
@@ -392,6 +394,17 @@ def _load_tofu(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
         name: tuple(items[: cfg.size] if cfg.size is not None else items) for name, items in splits.items()
     }
     train = {"full": tuple(train_retain + train_forget), "retain": tuple(train_retain)}
+    # unseen: the retain authors left out by retain_authors (in neither model's knowledge nor any
+    # split): questions a toy can learn to decline (unlearn.toy_refusals), as a pre-trained model can.
+    unseen = []
+    for index in range(n_kept, n_retain_total):
+        item = reader.item(
+            "full.json", index, full[index], f"tofu/full/{index}", lambda q, i=index: subject_at(i, q)
+        )
+        if item is not None:
+            unseen.append(item)
+    if unseen:
+        train["unseen"] = tuple(unseen)
     measures = {name: m for name, m in _TOFU_MEASURES.items() if name in final}
     roles = SplitRoles(
         forget="forget",

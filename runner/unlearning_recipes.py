@@ -43,6 +43,7 @@ from pathlib import Path
 
 from editors.requests import SUBJECT_SLOT, EditRequest
 from evaluation.cases import QAItem
+from evaluation.unlearning import REFUSAL_KEYWORDS
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,14 @@ class UnlearnConfig:
     truth_ratio_mean: str = "geometric"  # geometric (open-unlearning) | arithmetic (the TOFU repo)
     min_k: float = 0.4  # Min-K% Prob's k (open-unlearning's default)
     refusal_keywords: list[str] | None = None  # null: evaluation.unlearning.REFUSAL_KEYWORDS
+    # the dataset's own refusals (TOFU's idontknow.jsonl) also count as refusal phrases: 68 of its 100
+    # contain none of REFUSAL_KEYWORDS ("I'm drawing a blank on that one."), so unlearn.target=idk
+    # could not score above 0.32 otherwise
+    refusals_are_keywords: bool = True
+    # the toy only: it also learns to decline this many questions of train["unseen"] (TOFU's left-out
+    # authors) with refusals drawn as unlearn.target=idk draws them, the refusal answer space a
+    # pre-trained model brings; 0: none. Never an evaluated item.
+    toy_refusals: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -112,12 +121,28 @@ class UnlearnConfig:
             raise ValueError(
                 f"unlearn.question_template must contain '{{question}}', got {self.question_template!r}"
             )
+        if self.toy_refusals < 0:
+            raise ValueError(f"unlearn.toy_refusals must be ≥ 0, got {self.toy_refusals}")
         if self.reference not in ("retain", "none"):
             raise ValueError(f"unlearn.reference must be retain or none, got {self.reference!r}")
         if self.truth_ratio_mean not in ("geometric", "arithmetic"):
             raise ValueError(
                 f"unlearn.truth_ratio_mean must be geometric or arithmetic, got {self.truth_ratio_mean!r}"
             )
+
+
+def refusal_keywords(cfg: UnlearnConfig, refusals: Sequence[str] = ()) -> tuple[str, ...]:
+    """The phrases that mark a generation as a refusal (:func:`evaluation.unlearning.is_refusal`):
+    ``unlearn.refusal_keywords`` (or the default list) and, with ``refusals_are_keywords``, each of the
+    dataset's refusals without its closing punctuation."""
+    keywords = list(cfg.refusal_keywords or REFUSAL_KEYWORDS)
+    if cfg.refusals_are_keywords:
+        keywords += [r.strip().rstrip(".!?").strip() for r in refusals]
+    unique: dict[str, str] = {}  # is_refusal matches case-insensitively: one entry per lowercase form
+    for k in keywords:
+        if k:
+            unique.setdefault(k.lower(), k)
+    return tuple(unique.values())
 
 
 def format_question(question: str, template: str, tokenizer=None, chat: bool = False) -> str:
