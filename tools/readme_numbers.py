@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +153,9 @@ UNLEARN = [
     ),
     ("AlphaEdit, self-improved refusal", ["editor=alphaedit", "unlearn.target=self_improve"]),
     ("WISE, idk refusal", ["editor=wise"]),
+    ("ROME, idk refusal", ["editor=rome"]),
+    ("CoME-MEMIT, idk refusal", ["editor=come_memit"]),
+    ("GRACE, idk refusal", ["editor=grace"]),
     ("GA", ["editor=ga"]),
     ("GradDiff", ["editor=grad_diff"]),
     ("NPO", ["editor=npo"]),
@@ -251,11 +255,22 @@ def command_text(block: Block, job: Job) -> str:
     return shlex.join(["python", *block.tool, *job.args])
 
 
-def run_job(block: Block, job: Job, folder: Path, python: str) -> Path:
+def run_job(block: Block, job: Job, folder: Path, python: str, threads: int | None = None) -> Path:
+    """Run ``job`` into ``folder``, or reuse the folder when an earlier call finished the same
+    command there (``command.txt`` equal, ``wall_seconds.txt`` written): an interrupted
+    ``--out`` run resumes."""
+    done = folder / "wall_seconds.txt"
+    if done.exists() and (folder / "command.txt").exists():
+        if (folder / "command.txt").read_text(encoding="utf-8").strip() == command_text(block, job):
+            print(f"[{block.name}] {command_text(block, job)}: done in {folder}, reused", flush=True)
+            return folder
     folder.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
     if block.tool[0] == "run.py":
         where = f"hydra.sweep.dir={folder}" if job.multirun else f"hydra.run.dir={folder}"
         argv = [python, "run.py", *job.args, *QUIET, where]
+        if threads is not None:
+            argv.append(f"threads={threads}")
     else:
         argv = [python, *block.tool, *job.args, "--out", str(folder / "bench.json")]
     print(f"[{block.name}] {shlex.join(argv)}", flush=True)
@@ -266,16 +281,18 @@ def run_job(block: Block, job: Job, folder: Path, python: str) -> Path:
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         raise SystemExit(f"[{block.name}] {command_text(block, job)} failed ({proc.returncode}):\n{tail}")
-    (folder / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
+    (folder / "command.txt").write_text(command_text(block, job) + "\n", encoding="utf-8")
+    done.write_text(f"{time.perf_counter() - started:.1f}\n")
     return folder
 
 
-def render_block(block: Block, runs: list[tuple[Job, Path]], machine: str, sha: str) -> str:
+def render_block(block: Block, runs: list[tuple[Job, Path]], machine: str, sha: str, jobs: int = 1) -> str:
     commands = "; ".join(f"`{command_text(block, job)}`" for job, _ in runs)
     seconds = sum(float((folder / "wall_seconds.txt").read_text()) for _, folder in runs)
     footer = (
         f"<sub>Written by `make readme-numbers` ({_dt.date.today().isoformat()}, commit {sha}) from "
-        f"{commands}; {seconds / 60:.1f} min wall in all "
+        f"{commands}; {seconds / 60:.1f} min wall in all"
+        f"{f', {jobs} side by side with threads=1 each' if jobs > 1 else ''} "
         f"(toy and statistics cached); {machine}.</sub>"
     )
     return f"{block.render(runs).rstrip()}\n\n{footer}"
@@ -303,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="print the blocks and their commands")
     parser.add_argument("--out", type=Path, default=None, help="folder for the runs")
     parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="a block's runs side by side (each then gets threads=1)"
+    )
     args = parser.parse_args(argv)
     text = args.readme.read_text(encoding="utf-8")
     names = [n for n in args.only.split(",") if n] or blocks_in(text)
@@ -318,11 +338,14 @@ def main(argv: list[str] | None = None) -> None:
     machine, sha = machine_line(), git_sha()
     for name in names:
         block = BLOCKS[name]
-        runs = [
-            (job, run_job(block, job, out / name / str(i), sys.executable))
-            for i, job in enumerate(block.jobs)
-        ]
-        body = render_block(block, runs, machine, sha)
+        threads = 1 if args.jobs > 1 else None
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [
+                pool.submit(run_job, block, job, out / name / str(i), sys.executable, threads)
+                for i, job in enumerate(block.jobs)
+            ]
+            runs = [(job, future.result()) for job, future in zip(block.jobs, futures)]
+        body = render_block(block, runs, machine, sha, args.jobs)
         # re-read first: block by block (a failure keeps the others), and two calls with other
         # --only blocks may run side by side
         text = replace_block(args.readme.read_text(encoding="utf-8"), name, body)
