@@ -1,4 +1,5 @@
-"""Unlearning datasets: TOFU and RWKU -> :class:`UnlearningSet` (splits of :class:`QAItem`).
+"""Unlearning datasets: TOFU, RWKU and SemEval-2025 Task 4 -> :class:`UnlearningSet` (splits of
+:class:`QAItem`).
 
 Bundled offline copies live in ``runner/data/unlearning/`` (origin, licences, sha256 and the format
 traps of the source files: ``runner/data/unlearning/SOURCES.md``). ``path=`` points at a folder with
@@ -37,6 +38,31 @@ level splits stay for evaluation), ``retain`` = ``neighbor_level2`` (see :data:`
 knowledge is pre-trained). Each target's ``intro.json`` ("Please forget X. <bio>") is kept in
 ``info["intro"]``.
 
+SemEval-2025 Task 4 (``semeval25``; the data is gated and not bundled: ``path=`` is a user's copy of
+``llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public``, see
+:data:`SEMEVAL_ACCESS`): records ``id, input, output, task`` (and optionally ``split``) in the
+files ``data/{forget,retain}_{train,validation}-*.parquet`` as released, or the README's JSON
+conversion ``{train,validation}/{forget,retain}.jsonl`` (pandas' column-oriented JSON), or
+``{forget,retain}_{fold}.json[l]`` (records as a JSON array or JSON Lines). Splits:
+
+* ``forget`` / ``retain``: the ``fold`` (default ``train``: what is unlearned) of each; an item is
+  ``question`` = ``input``, ``answer`` = ``output`` (both stripped: the scorer joins them with one
+  space), item id :func:`evaluation.semeval.semeval_item_id` (it carries the subtask ``task`` and,
+  by the id's ``sc<k>``/``qa<k>`` suffix, the kind, which the Task Aggregate reads);
+* MIA: the released ``mia_data/member.jsonl`` and ``nonmember.jsonl`` (``id, document``; or the
+  folder ``mia_path``), scored as whole texts like the task's script (splits ``mia_member`` /
+  ``mia_nonmember``); without them, members = ``forget`` and non-members = ``holdout`` = the other
+  fold's forget records. That is right only for a model that never saw the other fold (the toy,
+  which learns the ``fold``'s records): the released target models memorised both folds, so for
+  them give ``mia_data``; ``info["mia"]`` says which pair was used;
+* ``mmlu`` (``mmlu_path``: a copy of MMLU's test split with ``cais/mmlu``'s fields ``question,
+  subject, choices, answer``, a file or a folder of parquet/JSON files, or the hub id
+  ``cais/mmlu``, fetched when online): one item per question, the prompt of
+  :func:`evaluation.semeval.mmlu_prompt`, the letters as options. Without a copy (or offline) the
+  split is absent and ``info["skipped_metrics"]["mmlu"]`` names why.
+
+``train``: ``full`` = the fold's forget + retain records, ``retain`` = its retain records.
+
 Errors are :class:`runner.datasets.DatasetError` with a one-line message; a malformed record raises
 :class:`runner.datasets.InvalidRecordError` naming the file and the record index (or is skipped and
 counted in ``info["skipped"]`` with ``on_invalid="skip"``).
@@ -56,11 +82,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from evaluation.cases import QAItem, SplitRoles
+from evaluation.semeval import MMLU_LETTERS, MMLU_SPLIT, item_kind, mmlu_prompt, semeval_item_id
 from runner.datasets import DATA_DIR, DatasetError, InvalidRecordError
 
 __all__ = [
     "BUNDLED_UNLEARNING_DIR",
     "RWKU_RETAIN_SPLIT",
+    "SEMEVAL_ACCESS",
     "TOFU_FORGET_SPLITS",
     "UnlearningDatasetConfig",
     "UnlearningSet",
@@ -71,7 +99,7 @@ __all__ = [
 
 #: The bundled copies (``tofu/``, ``rwku/Target/``); see its ``SOURCES.md``.
 BUNDLED_UNLEARNING_DIR = DATA_DIR / "unlearning"
-NAMES = ("tofu", "rwku")
+NAMES = ("tofu", "rwku", "semeval25")
 ON_INVALID = ("error", "skip")
 #: TOFU forget split -> number of QA pairs (the last 2/10/20 authors of ``full``).
 TOFU_FORGET_SPLITS: dict[str, int] = {"forget01": 40, "forget05": 200, "forget10": 400}
@@ -98,6 +126,19 @@ _TOFU_MEASURES = {
     "world_facts": ("prob_normalized", "truth_ratio", "rouge_l"),
     "holdout": ("loss", "min_k"),
 }
+#: SemEval-2025 Task 4: ROUGE-L and exact match on both kinds (the summary takes the kind's own),
+#: loss / Min-K% on the MIA splits (the forget split when it is the member split)
+SEMEVAL_SPLITS = ("forget", "retain")
+SEMEVAL_FOLDS = ("train", "validation")
+_SEMEVAL_EVAL = ("rouge_l", "exact_match")
+_SEMEVAL_MIA = ("loss", "min_k")
+#: where the gated data comes from (the one-line error when ``path`` is missing names it)
+SEMEVAL_ACCESS = (
+    "the data is gated: register at llmunlearningsemeval2025.github.io for a token, then "
+    "snapshot_download llmunlearningsemeval2025organization/semeval25-unlearning-dataset-public"
+)
+MMLU_HUB = "cais/mmlu"
+
 _RWKU_MEASURES = {
     "forget": ("rouge_l", "refusal"),
     "forget_level1": ("rouge_l", "refusal"),
@@ -117,7 +158,7 @@ _RWKU_MEASURES = {
 class UnlearningDatasetConfig:
     """Structured-config schema of the Hydra ``dataset`` group for unlearning (``unlearning_dataset``)."""
 
-    name: str  # tofu | rwku
+    name: str  # tofu | rwku | semeval25
     path: str | None = None  # folder with the full files in the original layout; None: the bundled copy
     forget_split: str = "forget05"  # TOFU: forget01 | forget05 | forget10 (2 / 10 / 20 authors)
     retain_authors: int | None = None  # TOFU: keep the first N retain authors (20 QA each); None: all
@@ -130,6 +171,9 @@ class UnlearningDatasetConfig:
     # read them there (RWKU: download its Target folder yourself and give dataset.path)
     download: bool = False
     cache_dir: str | None = None  # where download=true keeps the files (null: ~/.cache/knowedit/datasets)
+    fold: str = "train"  # SemEval: the forget/retain fold unlearned and scored (train | validation)
+    mia_path: str | None = None  # SemEval: folder of member.jsonl, nonmember.jsonl; None: <path>/mia_data
+    mmlu_path: str | None = None  # SemEval: MMLU test copy (file, folder) or the hub id cais/mmlu
 
     def __post_init__(self) -> None:
         p = "dataset."
@@ -140,6 +184,21 @@ class UnlearningDatasetConfig:
             )
         if self.name not in NAMES:
             raise DatasetError(f"{p}name must be one of {', '.join(NAMES)}, got {self.name!r}")
+        if self.name == "semeval25":
+            if self.path is None:
+                raise DatasetError(
+                    f"dataset semeval25 needs {p}path=<folder of your copy of the task's data>: {SEMEVAL_ACCESS}"
+                )
+            if self.download:
+                raise DatasetError(f"{p}download=true fetches TOFU only: for semeval25, {SEMEVAL_ACCESS}")
+        elif self.mia_path is not None or self.mmlu_path is not None:
+            raise DatasetError(f"{p}mia_path and {p}mmlu_path are semeval25 options (dataset {self.name})")
+        if self.fold not in SEMEVAL_FOLDS:
+            raise DatasetError(f"{p}fold must be one of {', '.join(SEMEVAL_FOLDS)}, got {self.fold!r}")
+        for key in ("mia_path", "mmlu_path"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise DatasetError(f"{p}{key} must be a path or null, got {value!r}")
         if self.path is not None and (not isinstance(self.path, str) or not self.path.strip()):
             raise DatasetError(f"{p}path must be a folder path or null (bundled), got {self.path!r}")
         if self.forget_split not in TOFU_FORGET_SPLITS:
@@ -191,11 +250,14 @@ class UnlearningSet:
 
 
 def load_unlearning(cfg: UnlearningDatasetConfig | Mapping | object) -> UnlearningSet:
-    """Load TOFU or RWKU from an :class:`UnlearningDatasetConfig`, a DictConfig or a dict."""
+    """Load TOFU, RWKU or SemEval-2025 Task 4 from an :class:`UnlearningDatasetConfig`, a DictConfig
+    or a dict."""
     cfg = _as_config(cfg)
     reader = _Reader(cfg.on_invalid)
     if cfg.name == "tofu":
         return _load_tofu(cfg, reader)
+    if cfg.name == "semeval25":
+        return _load_semeval(cfg, reader)
     return _load_rwku(cfg, reader)
 
 
@@ -526,6 +588,295 @@ def _load_rwku(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
     )
 
 
+# ------------------------------------------------------------------------------------ SemEval-2025
+
+
+def _load_semeval(cfg: UnlearningDatasetConfig, reader: _Reader) -> UnlearningSet:
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset semeval25: no folder at {root} (dataset.path: your copy of the task's data; {SEMEVAL_ACCESS})"
+        )
+    reader.root = root
+    other = next(f for f in SEMEVAL_FOLDS if f != cfg.fold)
+    splits: dict[str, list[QAItem]] = {}
+    for split in SEMEVAL_SPLITS:
+        rel = _semeval_file(root, split, cfg.fold)
+        if rel is None:
+            raise DatasetError(
+                f"dataset semeval25: no {split} {cfg.fold} file in {root} (data/{split}_{cfg.fold}-*.parquet, "
+                f"{cfg.fold}/{split}.jsonl or {split}_{cfg.fold}.jsonl; {SEMEVAL_ACCESS})"
+            )
+        splits[split] = _semeval_items(reader, rel, split, cfg.fold, split)
+    skipped_metrics: dict[str, str] = {}
+    roles_mia: tuple[str | None, str | None] = (None, None)
+    mia_dir = Path(cfg.mia_path).expanduser() if cfg.mia_path is not None else root / "mia_data"
+    mia_files = [mia_dir / f"{kind}.jsonl" for kind in ("member", "nonmember")]
+    if all(f.is_file() for f in mia_files):
+        for kind, file in zip(("member", "nonmember"), mia_files):
+            splits[f"mia_{kind}"] = _semeval_mia_items(reader, file, f"mia_{kind}")
+        roles_mia = ("mia_member", "mia_nonmember")
+        mia = f"the task's MIA documents ({mia_dir}), scored as whole texts"
+    elif cfg.mia_path is not None:
+        raise DatasetError(
+            f"dataset.mia_path: {mia_dir} lacks member.jsonl and nonmember.jsonl (fields id, document)"
+        )
+    else:
+        rel = _semeval_file(root, "forget", other) if cfg.holdout else None
+        if rel is not None:
+            splits["holdout"] = _semeval_items(reader, rel, "forget", other, "holdout")
+            roles_mia = ("forget", "holdout")
+            mia = (
+                f"forget ({cfg.fold} fold) vs the {other} fold's forget records: non-members only for a model "
+                "not trained on them (the toy); the released target models memorised both folds (give mia_data)"
+            )
+        else:
+            mia = "none"
+            skipped_metrics["mia_score"] = (
+                f"no MIA pair: {mia_dir} has no member.jsonl/nonmember.jsonl and "
+                + (f"there is no {other} forget file" if cfg.holdout else "dataset.holdout=false")
+            )
+    mmlu, reason = _mmlu_items(cfg, reader)
+    if mmlu is not None:
+        splits[MMLU_SPLIT] = mmlu
+    else:
+        skipped_metrics["mmlu"] = reason
+
+    final = {
+        name: tuple(items[: cfg.size] if cfg.size is not None else items) for name, items in splits.items()
+    }
+    measures: dict[str, tuple[str, ...]] = {
+        "forget": _SEMEVAL_EVAL + (_SEMEVAL_MIA if roles_mia[0] == "forget" else ()),
+        "retain": _SEMEVAL_EVAL,
+    }
+    for split in roles_mia:
+        if split is not None and split != "forget":
+            measures[split] = _SEMEVAL_MIA
+    if MMLU_SPLIT in final:
+        measures[MMLU_SPLIT] = ("choice_correct",)
+    roles = SplitRoles(
+        forget="forget",
+        retain="retain",
+        utility=("retain",),
+        mia_member=roles_mia[0],
+        mia_nonmember=roles_mia[1],
+        measures=measures,
+    )
+    train = {"full": tuple(splits["forget"] + splits["retain"]), "retain": tuple(splits["retain"])}
+    info: dict = {f"n_{name}": len(items) for name, items in final.items()}
+    info.update({f"n_train_{name}": len(items) for name, items in train.items()})
+    kinds = Counter((it.meta["task"], it.meta["kind"]) for s in SEMEVAL_SPLITS for it in final[s])
+    info.update(
+        fold=cfg.fold,
+        subtasks=sorted({task for task, _ in kinds}),
+        kinds={f"{task}/{kind}": n for (task, kind), n in sorted(kinds.items())},
+        mia=mia,
+        skipped_metrics=skipped_metrics,
+        skipped=reader.skipped,
+        files=dict(reader.hashes),
+    )
+    return UnlearningSet(
+        name="semeval25",
+        splits=final,
+        roles=roles,
+        train=train,
+        refusals=_refusals(reader, BUNDLED_UNLEARNING_DIR / "tofu"),
+        source=str(root),
+        sha256=reader.digest(),
+        info=info,
+    )
+
+
+def _semeval_file(root: Path, split: str, fold: str) -> str | None:
+    """The one file of ``split``/``fold`` under ``root`` (relative path), None when there is none."""
+    patterns = [
+        f"data/{split}_{fold}-*.parquet",
+        f"{split}_{fold}-*.parquet",
+        f"{split}_{fold}.parquet",
+        f"{fold}/{split}.jsonl",
+        f"{fold}/{split}.json",
+        f"data/{split}_{fold}.jsonl",
+        f"data/{split}_{fold}.json",
+        f"{split}_{fold}.jsonl",
+        f"{split}_{fold}.json",
+    ]
+    found = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(root)) for p in found)
+        raise DatasetError(
+            f"dataset semeval25: {len(found)} files for {split} {fold} in {root} ({names}); keep one"
+        )
+    return str(found[0].relative_to(root)) if found else None
+
+
+def _table_records(reader: _Reader, rel: str, base: Path | None = None) -> list:
+    """Records of a parquet file (needs pyarrow) or of JSON / JSON Lines, where a JSON object of
+    columns (``{"id": {"0": ..}, ..}``, what pandas' ``to_json`` writes by default) becomes rows."""
+    data = reader.read_bytes(rel, base=base)
+    label = str((base if base is not None else reader.root) / rel)
+    if rel.endswith(".parquet"):
+        try:
+            import io
+
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetError(
+                f"{label}: reading parquet needs the package pyarrow (pip install pyarrow)"
+            ) from None
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pylist()
+        except Exception as exc:  # pyarrow's errors: one line naming the file
+            raise DatasetError(
+                f"{label}: not a readable parquet file ({type(exc).__name__}: {exc})"
+            ) from None
+    records = _parse(data, label)
+    if (
+        len(records) == 1
+        and isinstance(records[0], Mapping)
+        and records[0]
+        and all(isinstance(v, Mapping) for v in records[0].values())
+    ):
+        columns = records[0]
+        index = list(next(iter(columns.values())))
+        if any(list(col) != index for col in columns.values()):
+            raise DatasetError(f"{label}: a JSON object of columns whose columns have different rows")
+        return [{name: col[i] for name, col in columns.items()} for i in index]
+    return records
+
+
+def _semeval_items(reader: _Reader, rel: str, split: str, fold: str, as_split: str) -> list[QAItem]:
+    """The items of one SemEval file (``split``: forget | retain, the split the file holds)."""
+    items: list[QAItem] = []
+    seen: set[str] = set()
+    for index, rec in enumerate(_table_records(reader, rel)):
+        try:
+            if not isinstance(rec, Mapping):
+                raise _Problem(
+                    f"record is a {type(rec).__name__}, expected an object with id, input, output, task"
+                )
+            source_id = _str(rec, "id")
+            kind = item_kind(source_id)
+            if kind is None:
+                raise _Problem(
+                    f"id {source_id!r} ends in neither sc<k> (sentence completion) nor qa<k> (question)"
+                )
+            task = _str(rec, "task")
+            if "/" in task:
+                raise _Problem(f"field 'task' must not contain '/', got {task!r}")
+            given = rec.get("split")
+            if given is not None and str(given).lower() not in (split, f"{split}_{fold}", f"{fold}_{split}"):
+                raise _Problem(f"field 'split' is {given!r}, but the file holds the {split} {fold} records")
+            if source_id in seen:
+                raise _Problem(f"duplicate id {source_id!r}")
+            seen.add(source_id)
+            item = QAItem(
+                item_id=semeval_item_id(as_split, task.strip(), source_id),
+                question=_str(rec, "input").strip(),
+                answer=_str(rec, "output").strip(),
+                meta={"task": task.strip(), "kind": kind, "id": source_id, "fold": fold},
+            )
+        except _Problem as exc:
+            reader._fail(rel, index, str(exc))
+            continue
+        items.append(item)
+    return items
+
+
+def _semeval_mia_items(reader: _Reader, file: Path, split: str) -> list[QAItem]:
+    """The task's MIA documents (``id, document``), each a text scored as a whole."""
+    items: list[QAItem] = []
+    for index, rec in enumerate(_table_records(reader, file.name, base=file.parent)):
+        try:
+            if not isinstance(rec, Mapping):
+                raise _Problem(f"record is a {type(rec).__name__}, expected an object with id, document")
+            text = _str(rec, "document")
+        except _Problem as exc:
+            reader._fail(str(file.resolve()), index, str(exc))
+            continue
+        meta = {"id": str(rec["id"])} if "id" in rec else {}
+        items.append(
+            QAItem(item_id=f"semeval25/{split}/{index}", question="", answer="", text=text, meta=meta)
+        )
+    return items
+
+
+def _mmlu_items(cfg: UnlearningDatasetConfig, reader: _Reader) -> tuple[list[QAItem] | None, str]:
+    """MMLU's questions from ``cfg.mmlu_path`` (a file, a folder of files, or a hub id), or None and
+    the reason there are none."""
+    if cfg.mmlu_path is None:
+        return None, (
+            f"no dataset.mmlu_path (a copy of MMLU's test split with {MMLU_HUB}'s fields question, subject, "
+            f"choices, answer; or the hub id {MMLU_HUB} when online)"
+        )
+    source = Path(cfg.mmlu_path).expanduser()
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix in (".parquet", ".json", ".jsonl"))
+        if not files:
+            raise DatasetError(f"dataset.mmlu_path: {source} has no parquet, json or jsonl file")
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.mmlu_path):
+        try:
+            from datasets import load_dataset
+
+            rows = [dict(r) for r in load_dataset(cfg.mmlu_path, "all", split="test")]
+        except Exception as exc:  # offline, no access, hub errors: skipped, the reason recorded
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return None, f"could not fetch {cfg.mmlu_path} from the hub ({type(exc).__name__}: {first})"
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+        reader.hashes[f"hub:{cfg.mmlu_path}"] = digest
+        return _mmlu_from(rows, f"hub:{cfg.mmlu_path}", reader), ""
+    else:
+        raise DatasetError(f"dataset.mmlu_path: no file or folder at {source} (nor a hub id like {MMLU_HUB})")
+    items: list[QAItem] = []
+    for file in files:
+        rows = _table_records(reader, file.name, base=file.parent)
+        items += _mmlu_from(rows, str(file.resolve()), reader, len(items))
+    return items, ""
+
+
+def _mmlu_from(rows: Sequence, label: str, reader: _Reader, start: int = 0) -> list[QAItem]:
+    items: list[QAItem] = []
+    for index, rec in enumerate(rows):
+        try:
+            if not isinstance(rec, Mapping):
+                raise _Problem(
+                    f"record is a {type(rec).__name__}, expected question, subject, choices, answer"
+                )
+            question = _str(rec, "question")
+            subject = rec.get("subject") or ""
+            if not isinstance(subject, str):
+                raise _Problem(f"field 'subject' must be a string, got {_show(subject)}")
+            choices = rec.get("choices")
+            if (
+                not isinstance(choices, (list, tuple))
+                or not 2 <= len(choices) <= len(MMLU_LETTERS)
+                or not all(isinstance(c, str) for c in choices)
+            ):
+                raise _Problem(f"field 'choices' must be a list of 2 to 4 strings, got {_show(choices)}")
+            letters = MMLU_LETTERS[: len(choices)]
+            answer = rec.get("answer")
+            if isinstance(answer, str) and answer.strip().upper() in letters:
+                gold = letters.index(answer.strip().upper())
+            elif isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+                gold = answer
+            else:
+                raise _Problem(f"field 'answer' must be an option index or letter, got {_show(answer)}")
+        except _Problem as exc:
+            reader._fail(label, index, str(exc))
+            continue
+        items.append(
+            QAItem(
+                item_id=f"{MMLU_SPLIT}/{start + len(items)}",
+                question=mmlu_prompt(subject, question, choices),
+                answer=letters[gold],
+                perturbed_answers=tuple(letter for k, letter in enumerate(letters) if k != gold),
+                meta={"subject": subject, "options": letters},
+            )
+        )
+    return items
+
+
 def _pick_targets(folders: list[str], cfg: UnlearningDatasetConfig, target_dir: Path) -> list[str]:
     if cfg.targets is None:
         return folders if cfg.n_targets is None else folders[: cfg.n_targets]
@@ -587,7 +938,8 @@ class _Reader:
         return h.hexdigest()
 
     def _fail(self, file: str, index: int, problem: str) -> None:
-        exc = InvalidRecordError(self.label(file), index, problem)
+        """``file``: relative to the root, or an absolute path, or a label such as ``hub:<id>``."""
+        exc = InvalidRecordError(file if file.startswith("hub:") else self.label(file), index, problem)
         if self.on_invalid == "error":
             raise exc
         self.skipped.append(str(exc))
@@ -738,7 +1090,7 @@ def _as_config(cfg: object) -> UnlearningDatasetConfig:
             f"dataset: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     if "name" not in cfg:
-        raise DatasetError("dataset.name is required (tofu | rwku)")
+        raise DatasetError(f"dataset.name is required ({' | '.join(NAMES)})")
     return UnlearningDatasetConfig(**dict(cfg))
 
 
