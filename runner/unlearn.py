@@ -72,7 +72,12 @@ HEADLINE = (
     "retain_rouge_l",
     "refusal_rate",
     "mia_loss_auc",
+    "mia_score",
     "privleak",
+    # SemEval-2025 Task 4 (dataset=semeval25); a column is printed only when a row has it
+    "task_aggregate",
+    "mmlu",
+    "semeval_final",
 )
 
 
@@ -535,6 +540,8 @@ def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_
                     "utility": list(data.roles.utility),
                     "mia": [data.roles.mia_member, data.roles.mia_nonmember],
                 },
+                # SemEval: which MIA pair was used, and the metrics not computed with the reason why
+                **{k: data.info[k] for k in ("mia", "skipped_metrics") if k in data.info},
             },
             "model": {"id": loaded.model_id, "revision": loaded.revision, "dtype": cfg.model.dtype},
             "reference_model": (
