@@ -184,8 +184,8 @@ def test_config_errors_are_one_line(kwargs, match):
 def test_toy_refusals_decline_only_questions_no_split_holds():
     from evaluation.unlearning import is_refusal
     from runner.unlearn import Prompter, _toy_refusals
-    from runner.unlearning_recipes import refusal_keywords
     from runner.unlearning_data import load_unlearning
+    from runner.unlearning_recipes import refusal_keywords
 
     data = load_unlearning({"name": "tofu", "forget_split": "forget05", "retain_authors": 10})
     assert len(data.train["unseen"]) == (190 - 10) * 20  # the left-out retain authors
@@ -194,7 +194,9 @@ def test_toy_refusals_decline_only_questions_no_split_holds():
     keywords = refusal_keywords(UnlearnConfig(), data.refusals)
     assert len(declined) == 40 and all(is_refusal(f.answer, keywords) for f in declined)
     asked = {prompter(item.question) for items in data.splits.values() for item in items}
-    asked |= {prompter(item.question) for items in (data.train["full"], data.train["retain"]) for item in items}
+    asked |= {
+        prompter(item.question) for items in (data.train["full"], data.train["retain"]) for item in items
+    }
     assert not asked & {f.prompt for f in declined}
     assert _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=0), seed=0) == []
     assert declined == _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=40), seed=0)
@@ -209,6 +211,11 @@ def test_the_datasets_refusals_count_as_refusals():
     refusals = ["I'm drawing a blank on that one.", "I don't know."]
     with_dataset = refusal_keywords(UnlearnConfig(), refusals)
     assert is_refusal("Sure. I'm drawing a blank on that one!", with_dataset)
-    assert not is_refusal("I'm drawing a blank on that one.", refusal_keywords(UnlearnConfig(refusals_are_keywords=False), refusals))
+    assert not is_refusal(
+        "I'm drawing a blank on that one.",
+        refusal_keywords(UnlearnConfig(refusals_are_keywords=False), refusals),
+    )
     assert not is_refusal("He was born in Paris.", with_dataset)
-    assert len(with_dataset) == len(refusal_keywords(UnlearnConfig())) + 1  # "I don't know" is already a keyword
+    assert (
+        len(with_dataset) == len(refusal_keywords(UnlearnConfig())) + 1
+    )  # "I don't know" is already a keyword
