@@ -50,6 +50,7 @@ from runner.models import LoadedModel, ToyFact, load_model, load_toy_on_facts
 from runner.oom import explain_oom
 from runner.results import ResultsStore, check_resume
 from runner.tracking import make_tracker
+from runner.unlearning_data import NAMES as UNLEARNING_NAMES
 from runner.unlearning_data import UnlearningSet, load_unlearning
 from runner.unlearning_recipes import (
     UnlearnConfig,
@@ -557,5 +558,5 @@ def check_unlearn_dataset(cfg: DictConfig) -> None:
     kind = OmegaConf.get_type(cfg.dataset).__name__
     if kind != "UnlearningDatasetConfig":
         raise ValueError(
-            f"task=unlearn needs an unlearning dataset (dataset=tofu or dataset=rwku), got dataset={cfg.dataset.name}"
+            f"task=unlearn needs an unlearning dataset (dataset={'|'.join(UNLEARNING_NAMES)}), got dataset={cfg.dataset.name}"
         )
