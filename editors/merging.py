@@ -1,6 +1,7 @@
 """TIES merging of task vectors (Yadav et al., 2023, arXiv 2306.01708), built on peft's
-``peft.utils.merge_utils``: the project's one TIES implementation (WISE's knowledge shards, and
-the merge of two LoRA-unlearned models in ZJUKLAB's SemEval-2025 recipe).
+``peft.utils.merge_utils``: the project's one merging module (WISE's knowledge shards, and the
+merge of two LoRA-unlearned models in ZJUKLAB's SemEval-2025 recipe, ``merge_lora_adapters``, with
+task arithmetic and DARE-TIES beside TIES).
 
 A task vector is a ``{name: tensor}`` change of some parameters, τ_t = θ_t − θ₀. For each tensor
 name (``merge_task_vectors``):
@@ -34,14 +35,37 @@ disagree the larger-magnitude one alone, where only one survives that value.
 
 Differences not reproduced: the original repo resolves a zero sign sum with the sign of the
 majority over all entries (here, as in peft/mergekit/EasyEdit, +1; this only matters where the
-sum is exactly 0, e.g. a ±1 tie under ``frequency``); peft's LoRA ``add_weighted_adapter`` applies
-TIES to the stacked A and B factors separately (ZJUKLAB's merge), not to ΔW = BA: give it the
-factors as task vectors to reproduce that, or the ΔW's for the paper's TIES. Arithmetic is in
-float32 (float64 kept), the result cast to the base tensor's dtype.
+sum is exactly 0, e.g. a ±1 tie under ``frequency``). Arithmetic is in float32 (float64 kept), the
+result cast to the base tensor's dtype.
+
+**LoRA adapters: two merge spaces** (``merge_lora_adapters``, spec §3.1; ZJUKLAB's SemEval-2025
+merge of two LoRA-unlearned models). Member t is ``{module: (A_t [r, in], B_t [out, r], s_t)}``
+with s_t its LoRA scaling (α/r); the result is the merged ΔW per module, in B·A orientation.
+
+| space | what is merged | reproduces |
+|-------|----------------|------------|
+| ``lora_factors`` | the stacked A_t's and, separately, the stacked B_t's; A_t weighted by sign(w_t s_t)·√|w_t s_t|, B_t by √|w_t s_t|; ΔW = B_m·A_m (merged scaling 1) | peft LoRA ``add_weighted_adapter(combination_type=…, density=…)`` + ``merge_and_unload()`` (ZJUKLAB's released merge); equal ranks needed |
+| ``delta_weights`` | the full task vectors ΔW_t = s_t·B_t·A_t, weights w_t | the TIES paper's merge of the task vectors (per-tensor trim, the ``peft`` variant above); ranks may differ |
+
+| method | per tensor of the members | peft name (``PEFT_COMBINATION``) |
+|--------|---------------------------|----------------------------------|
+| ``ties`` | magnitude trim to ``density``, sign elected by the total of the unweighted trimmed values, weighted sum of the agreeing ones / their count | ``ties`` (majority ``total``) |
+| ``task_arithmetic`` | Σ_t w_t x_t | ``linear`` (``merge_utils.task_arithmetic`` on the factors) |
+| ``dare_ties`` | DARE (keep each entry with probability ``density``, divide by it), then TIES's sign election and disjoint merge | ``dare_ties`` |
+
+What differs between the spaces: B_m·A_m is not TIES(ΔW_1, ΔW_2) (trim and sign election act on
+factor entries, and the product mixes members: (B_1+B_2)(A_1+A_2)/4 for two agreeing members),
+and factor-space ``task_arithmetic`` (peft's ``linear``) = (Σ√(w s)B)(Σ√(w s)A) has cross terms;
+delta-space ``task_arithmetic`` is exactly Σ w_t s_t B_t A_t, which is peft's ``cat`` (A's and B's
+concatenated into a rank-Σr adapter). ``dare_ties``'s masks come from a CPU ``torch.Generator``
+seeded with ``seed``, drawn module by module in the adapters' order, A's before B's: the order of
+peft's draws from the global generator, so the factor-space result equals peft's when that is
+seeded where its merge loop starts (after the new adapter's initialisation).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -217,3 +241,123 @@ def merge_models(
 ) -> dict[str, torch.Tensor]:
     """TIES-merge fine-tuned parameter sets onto their common base: θ₀ + λ·TIES(θ_t − θ₀)."""
     return merge_task_vectors(base, task_vectors(base, models), config)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters: two merge spaces (see the module docstring)
+
+SPACES = ("lora_factors", "delta_weights")
+METHODS = ("ties", "task_arithmetic", "dare_ties")
+# the combination_type of peft's LoRA ``add_weighted_adapter`` that ``space="lora_factors"`` reproduces
+PEFT_COMBINATION = {"ties": "ties", "task_arithmetic": "linear", "dare_ties": "dare_ties"}
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r], scaling)
+
+
+def _dare(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's drop and rescale (peft ``prune(..., "random", rescale=True)``): each entry kept with
+    probability ``density`` and divided by it; the mask is drawn on the CPU from ``generator``
+    (the same stream as peft's ``torch.bernoulli`` on the global CPU generator) and moved to t."""
+    if density >= 1:
+        return t
+    p = torch.full(t.shape, density, dtype=t.dtype)
+    return t * torch.bernoulli(p, generator=generator).to(t.device) / density
+
+
+def _merge_members(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    method: str,
+    density: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One tensor per member merged as peft's ``merge_utils.task_arithmetic`` / ``ties`` /
+    ``dare_ties`` (weights applied after the sign election, count divisor, majority "total")."""
+    work = [_work(t) for t in tensors]
+    if method == "task_arithmetic":
+        return sum(w * t for w, t in zip(weights, work))
+    if method == "ties":
+        pruned = [_trim(t, density) for t in work]
+    else:
+        pruned = [_dare(t, density, generator) for t in work]
+    return ties_tensor(pruned, weights, VARIANTS["peft"])
+
+
+def merge_lora_adapters(
+    adapters: Sequence[Mapping[str, LoraFactors]],
+    *,
+    space: str = "lora_factors",
+    method: str = "ties",
+    density: float = 0.8,
+    weights: Sequence[float] = (1.0, 1.0),
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The merged ΔW [out, in] (= B·A orientation; transpose it for a ``fan_in_fan_out`` layer such
+    as GPT-2's Conv1D) of each module, from one ``{module: (A, B, scaling)}`` per member.
+
+    ``space="lora_factors"``: what peft's ``add_weighted_adapter(..., combination_type=
+    PEFT_COMBINATION[method], density=density)`` followed by ``merge_and_unload()`` adds to each
+    weight: the stacked A's and the stacked B's merged separately, member t's A weighted by
+    sign(w_t s_t)·√|w_t s_t| and its B by √|w_t s_t|, then ΔW = B_m·A_m (the merged adapter's
+    scaling is 1). ``space="delta_weights"``: the same method on the full ΔW_t = s_t·B_t·A_t per
+    module (per-tensor trim, the TIES paper's merge). ``dare_ties`` draws its masks from a CPU
+    generator seeded with ``seed``, module by module in ``adapters``' order (A's then B's).
+    Working precision float32 (float64 kept)."""
+    if space not in SPACES:
+        raise ValueError(f"merge space must be one of {', '.join(SPACES)}, got {space!r}")
+    if method not in METHODS:
+        raise ValueError(f"merge method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not adapters:
+        raise ValueError("merge_lora_adapters: no adapters to merge")
+    if len(weights) != len(adapters):
+        raise ValueError(f"merge_lora_adapters: {len(weights)} weights for {len(adapters)} adapters")
+    if not (0 < density <= 1 if method == "dare_ties" else 0 <= density <= 1):
+        bounds = "(0, 1] for dare_ties" if method == "dare_ties" else "[0, 1]"
+        raise ValueError(f"merge density must be in {bounds}, got {density!r}")
+    names = list(adapters[0])
+    for i, adapter in enumerate(adapters[1:], start=1):
+        if set(adapter) != set(names):
+            diff = sorted(set(adapter) ^ set(names))[:3]
+            raise ValueError(f"merge_lora_adapters: adapter {i} and adapter 0 differ in modules, e.g. {diff}")
+    weights = [float(w) for w in weights]
+    generator = torch.Generator().manual_seed(seed) if method == "dare_ties" else None
+    out = {}
+    for name in names:
+        factors = [adapter[name] for adapter in adapters]
+        if space == "delta_weights":
+            deltas = [float(s) * (_work(b) @ _work(a)) for a, b, s in factors]
+            out[name] = _merge_members(deltas, weights, method, density, generator)
+            continue
+        ranks = {a.shape[0] for a, _, _ in factors}
+        if len(ranks) != 1:
+            combination = PEFT_COMBINATION[method]
+            raise ValueError(
+                f"lora_factors {combination} of {name}: ranks differ {sorted(ranks)} (peft needs equal ranks)"
+            )
+        scaled = [w * float(s) for w, (_, _, s) in zip(weights, factors)]
+        w_a = [math.sqrt(abs(ws)) * (1.0 if ws >= 0 else -1.0) for ws in scaled]  # sign on A only
+        w_b = [math.sqrt(abs(ws)) for ws in scaled]
+        dtype = factors[0][0].dtype
+        a_m = _merge_members([a for a, _, _ in factors], w_a, method, density, generator).to(dtype)
+        b_m = _merge_members([b for _, b, _ in factors], w_b, method, density, generator).to(dtype)
+        out[name] = _work(b_m) @ _work(a_m)
+    return out
+
+
+def adapter_factors(model: torch.nn.Module, adapter_name: str) -> dict[str, LoraFactors]:
+    """``{module: (A, B, scaling)}`` of a peft LoRA adapter (linear layers), module names as in the
+    wrapped transformers model (so ``name + ".weight"`` is the weight ΔW is added to)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            out[name] = (
+                module.lora_A[adapter_name].weight.detach(),
+                module.lora_B[adapter_name].weight.detach(),
+                float(module.scaling[adapter_name]),
+            )
+    if not out:
+        raise ValueError(f"adapter_factors: the model has no LoRA linear layer with adapter {adapter_name!r}")
+    return out
