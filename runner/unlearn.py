@@ -154,12 +154,14 @@ def _toy_training(data: UnlearningSet, which: str, capped: bool = False) -> list
 
 def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: UnlearnConfig):
     """The model to unlearn and the reference (retain) model, or None."""
-    from runner.pipeline import _context_reserve
+    from runner.pipeline import ConfigError, _context_reserve
 
     reserve = _context_reserve(cfg.editor)
     chat = bool(cfg.model.get("chat_template", False))
     capped = cfg.dataset.get("size") is not None
     if cfg.model.source == "toy":
+        if ucfg.finetuned:
+            raise ConfigError("unlearn.finetuned=true is for hub models: the toy learns the dataset itself")
         prompter = Prompter(ucfg.question_template, None, False)
         limit = int(cfg.model.sizes.max_positions)
 
@@ -186,16 +188,22 @@ def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: Un
                 extra=declined,
             )
         return loaded, reference, prompter
-    loaded = load_model(cfg.model, cache_dir=cache_dir, seed=cfg.seed)
-    reference = None
-    if ucfg.reference == "retain" and ucfg.reference_hub_id:
-        ref_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        hub_id = ucfg.reference_hub_id.replace("{retain_percent}", _retain_percent(cfg.dataset))
-        reference = load_model({**ref_cfg, "hub_id": hub_id, "revision": None}, cache_dir=cache_dir)
-    elif ucfg.reference == "retain":
-        log.warning(
-            "no reference model (unlearn.reference_hub_id is null): forget quality and privleak are not computed"
-        )
+    if ucfg.finetuned:  # task=finetune's cached full model, and its retain model as the reference
+        from runner.finetune import load_finetuned
+
+        loaded, reference = load_finetuned(cfg, data, cache_dir, ucfg)
+    else:
+        loaded = load_model(cfg.model, cache_dir=cache_dir, seed=cfg.seed)
+        reference = None
+        if ucfg.reference == "retain" and ucfg.reference_hub_id:
+            ref_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+            hub_id = ucfg.reference_hub_id.replace("{retain_percent}", _retain_percent(cfg.dataset))
+            reference = load_model({**ref_cfg, "hub_id": hub_id, "revision": None}, cache_dir=cache_dir)
+        elif ucfg.reference == "retain":
+            log.warning(
+                "no reference model (unlearn.reference_hub_id is null, unlearn.finetuned=false): forget "
+                "quality and privleak are not computed"
+            )
     prompter = Prompter(ucfg.question_template, loaded.tokenizer, chat)
     check_item_lengths(data, prompter, ucfg, loaded.tokenizer, context_length(loaded.model), reserve)
     return loaded, reference, prompter
