@@ -206,7 +206,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
 
 
-TASKS = ("edit", "stats", "prepare", "unlearn")
+TASKS = ("edit", "stats", "prepare", "unlearn", "finetune")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -232,6 +232,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if cfg.task == "finetune":  # a model fine-tuned on an unlearning dataset's train split (runner.finetune)
+        from runner.finetune import run_finetune
+
+        return run_finetune(cfg)
     if cfg.task == "unlearn":  # its own loop (runner.unlearn), sharing the pieces below
         from runner.unlearn import check_unlearn_dataset, run_unlearn
 

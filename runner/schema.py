@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from editors.core.covariance import StatsConfig
 from editors.registry import CONFIG_SCHEMAS
 from runner.datasets import DatasetConfig
+from runner.finetune import FinetuneConfig
 from runner.generation import GenerationEvalConfig
 from runner.models import ModelConfig
 from runner.unlearning_data import UnlearningDatasetConfig
@@ -55,9 +56,7 @@ class PathsConfig:
 
 @dataclass
 class RunConfig:
-    task: str = (
-        "edit"  # edit | stats (covariance statistics only) | prepare (statistics and artifacts) | unlearn
-    )
+    task: str = "edit"  # edit | stats (covariance statistics only) | prepare (statistics and artifacts) | unlearn | finetune
     train_artifacts: bool = True  # train a missing artifact on first use; false: fail naming task=prepare
     artifact_max_steps: int | None = None  # cap on every artifact's training steps (+size=tiny); in its key
     seed: int = 0
@@ -81,6 +80,7 @@ class RunConfig:
     stats: Any = MISSING
     logger: Any = MISSING
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)  # task=unlearn's recipe and evaluation
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # task=finetune (runner.finetune)
 
 
 #: (ConfigStore group, name) -> schema. A group YAML names its schema as ``/<group>@_here_: <name>``.

@@ -95,6 +95,8 @@ class UnlearnConfig:
     question_template: str = "Question: {question}\nAnswer:"  # prompts of models without a chat template
     self_improve: SelfImproveConfig = field(default_factory=SelfImproveConfig)
     reference: str = "retain"  # forget quality and privleak compare against: retain (the retain model) | none
+    # hub models: unlearn task=finetune's cached full model, against its retain model (runner.finetune)
+    finetuned: bool = False
     reference_hub_id: str | None = (
         None  # hub models: the retain model (e.g. open-unlearning's tofu_..._retain90)
     )
