@@ -103,6 +103,9 @@ class Resources:
     # task=unlearn: (prompt, answer) pairs of the retain split, for baselines that train on it
     # (GradDiff, NPO's retain term); () in task=edit
     retain: tuple[tuple[str, str], ...] = ()
+    # task=unlearn: a folder for artifacts trained on the forget set (LoRA adapters), one per model
+    # id and revision; the editor keys its files by everything else they depend on. None: no cache
+    adapter_cache: Path | None = None
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ from editors.mend import MendConfig
 from editors.pmet import PmetConfig
 from editors.rome import RomeConfig
 from editors.serac import SeracConfig
+from editors.ties_npo import TiesNpoConfig
 from editors.unedited import UneditedConfig
 from editors.unlearning import GradientUnlearningConfig
 from editors.wise import WiseConfig
@@ -31,5 +32,6 @@ CONFIG_SCHEMAS = {
     "wise": WiseConfig,
     "serac": SeracConfig,
     "mend": MendConfig,
-    "ga": GradientUnlearningConfig,  # GA, and grad_diff / npo on top (conf/editor/ga.yaml)
+    "ga": GradientUnlearningConfig,  # GA, and grad_diff / npo / npo_lora on top (conf/editor/ga.yaml)
+    "ties_npo": TiesNpoConfig,  # two npo_lora members merged (conf/editor/ties_npo.yaml)
 }

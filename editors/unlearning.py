@@ -13,6 +13,17 @@ come in ``Resources.retain``. Every loss reads the teacher-forced NLL of the ans
   ``compute_batch_nll``; ``npo_nll: mean`` for the per-token mean). The reference model is the
   unedited one and frozen, so each forget item's reference NLL is a constant: it is computed once
   before training, and no second copy of the model is kept.
+- ``npo_kl_nll`` (ZJUKLAB at SemEval-2025 Task 4, zjunlp/unlearn ``semeval25/unlearn-merging.py``):
+  ``ga_ratio``·NPO + ``gd_ratio``·KL + ``gk_ratio``·NLL, with NPO on ONE scalar per forget batch,
+  the mean token NLL over the whole batch (:func:`~editors.training.losses.batch_nll`), against the
+  same under the reference; KL(reference ‖ current) on the retain batch over EVERY position, prompt
+  and padding included, divided by B·T (``kl_divergence(..., mask=None)``); NLL the retain batch's
+  mean token NLL. Naming trap kept from the release: ``gd_ratio`` weights the KL, ``gk_ratio`` the
+  NLL. The reference is the model with the LoRA adapter disabled (KL), and its forget NLL per batch
+  is computed once before training (the batches are fixed and the reference frozen: the same
+  constants the release recomputes each step). Differences: the release left-pads every sequence
+  to max_length 256, so its B·T counts padding up to 256; here T is the batch's widest row, so the
+  KL is the same per-position KL averaged over fewer padding positions.
 - retain loss ``nll`` (the release's ``NLL``): mean answer NLL of the retain batch; ``kl``
   (``KL``): KL(reference ‖ current) over the retain sequence's tokens (``compute_kl_divergence``).
   The reference logits come from the same model with the LoRA adapter disabled, so ``kl`` needs
@@ -34,22 +45,37 @@ Parameters: all of the model's (``layers: null``, the release's full fine-tuning
 ``layers``; or, with ``lora.enabled``, a peft LoRA adapter on ``lora.target_modules`` (null: peft's
 default for the architecture) within those blocks, whose merged ΔW = scale·B·A per base weight is
 returned; the adapter is unloaded and the model's module tree, weights and ``requires_grad`` flags
-are as before ``apply``. Without LoRA the trained parameters' originals are cloned (one copy of
-them) to restore the model bit-exactly.
+are as before ``apply``. ``lora.target_modules: [all-linear]``: every ``nn.Linear`` (and
+transformers' ``Conv1D``) but the model's ``lm_head`` (ZJUKLAB's targets). Without LoRA the trained
+parameters' originals are cloned (one copy of them) to restore the model bit-exactly.
+
+**LoRA adapters as artifacts** (:class:`LoraAdapter`): the trained factors per adapted module
+(A [r, in], B [out, r], scaling α/r), ΔW = scaling·B·A per base weight. With
+``Resources.adapter_cache`` (task=unlearn: a folder per model id and revision, or the toy's content
+key) the adapter is stored there as ``lora-<key>.pt``, the key a hash of the editor class, its whole
+config (``seed`` included) and the forget requests' (prompt, answer) and retain pairs in order; a
+second run with the same key loads it instead of training (``unlearn_adapter_cached`` = 1). The
+device is not in the key (a GPU-trained adapter loaded on CPU is the GPU's). ``seed`` (null: the
+global generator as the run left it) seeds LoRA's initialisation and dropout in a forked generator.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import json
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from editors import checks
-from editors.base import EditorBase
+from editors.base import EditorBase, recipe_json
 from editors.core.tokens import answer_ids, model_device
 from editors.delta import WeightDelta, WeightHandle
 from editors.requests import EditRequest
@@ -60,18 +86,21 @@ from editors.training import (
     answer_batch,
     answer_logits,
     answer_nll,
+    batch_nll,
     fit,
     ga_loss,
     kl_divergence,
     npo_loss,
+    read_answer_logits,
 )
 from editors.training.loop import OPTIMIZERS, make_optimizer
 
-METHODS = ("ga", "grad_diff", "npo")
+METHODS = ("ga", "grad_diff", "npo", "npo_kl_nll")
 RETAIN_LOSSES = ("nll", "kl")
 NPO_NLL = ("sum", "mean")
 SCHEDULES = ("linear", "constant")
-NEEDS_RETAIN = ("grad_diff", "npo")
+NEEDS_RETAIN = ("grad_diff", "npo", "npo_kl_nll")
+ALL_LINEAR = "all-linear"  # lora.target_modules: [all-linear]: every linear layer but the lm_head
 
 
 @dataclass
@@ -82,7 +111,7 @@ class LoraSettings:
     r: int = 8  # rank (peft default)
     alpha: float = 8.0  # lora_alpha: ΔW = (alpha / r)·B·A (peft default)
     dropout: float = 0.0  # lora_dropout (peft default)
-    target_modules: list[str] | None = None  # module names (last part); null: peft's default per model
+    target_modules: list[str] | None = None  # module names (last part); [all-linear]; null: peft's default
 
 
 @dataclass
@@ -91,7 +120,7 @@ class GradientUnlearningConfig:
     name the file of each)."""
 
     _target_: str = "editors.unlearning.GradientUnlearning"
-    method: str = "ga"  # ga | grad_diff | npo
+    method: str = "ga"  # ga | grad_diff | npo | npo_kl_nll
     epochs: int = 10  # passes over the forget set
     lr: float = 1e-5  # peak learning rate
     batch_size: int = 8  # forget items per batch (and as many retain items)
@@ -106,6 +135,10 @@ class GradientUnlearningConfig:
     forget_weight: float = 1.0  # γ: weight of the forget loss
     retain_weight: float = 1.0  # α: weight of the retain loss (grad_diff, npo)
     retain_loss: str = "nll"  # nll | kl (kl needs lora.enabled)
+    ga_ratio: float = 0.4  # npo_kl_nll: weight of NPO (ZJUKLAB's model1)
+    gd_ratio: float = 0.4  # npo_kl_nll: weight of the KL (the release's name)
+    gk_ratio: float = 0.2  # npo_kl_nll: weight of the retain NLL (the release's name)
+    seed: int | None = None  # seeds LoRA's init and dropout (null: the global generator)
     eos: bool = True  # append the tokenizer's EOS to every answer
     layers: list[int] | None = None  # null: every parameter; else the blocks at these indices
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -126,6 +159,8 @@ class GradientUnlearningConfig:
         checks.non_negative("editor.forget_weight", self.forget_weight)
         checks.non_negative("editor.retain_weight", self.retain_weight)
         checks.one_of("editor.retain_loss", self.retain_loss, RETAIN_LOSSES)
+        for key in ("ga_ratio", "gd_ratio", "gk_ratio"):
+            checks.non_negative(f"editor.{key}", getattr(self, key))
         if self.layers is not None:
             checks.layer_list("editor.layers", self.layers)
         checks.at_least_one("editor.lora.r", self.lora.r)
@@ -138,6 +173,16 @@ class GradientUnlearningConfig:
                 "editor.lora.enabled=true)",
                 self.retain_loss,
             )
+        if self.method == "npo_kl_nll" and self.gd_ratio > 0 and not self.lora.enabled:
+            checks.fail(
+                "editor.lora.enabled",
+                "true for npo_kl_nll with gd_ratio > 0 (its KL's reference is the model with the "
+                "adapter disabled)",
+                self.lora.enabled,
+            )
+        targets = self.lora.target_modules
+        if targets is not None and ALL_LINEAR in targets and len(targets) > 1:
+            checks.fail("editor.lora.target_modules", f"[{ALL_LINEAR}] alone or module names", targets)
 
 
 @dataclass
@@ -150,6 +195,53 @@ class _Batch:
     @property
     def size(self) -> int:
         return self.forget.size
+
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]  # (A [r, in], B [out, r], scaling α/r)
+
+
+@dataclass
+class LoraAdapter:
+    """A trained LoRA adapter: ``factors`` per adapted module name (as in the unwrapped model, so
+    ``name + ".weight"`` is its base weight), and the modules whose weight is stored [in, out]
+    (``fan_in_fan_out``: GPT-2's Conv1D)."""
+
+    factors: dict[str, LoraFactors]
+    fan_in_fan_out: frozenset[str] = frozenset()
+
+    def weight_deltas(self, module_deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ΔW [out, in] per module (B·A orientation, e.g. a merge's) -> float32 deltas per base
+        weight name, in the weight's own layout."""
+        return {
+            f"{name}.weight": (delta.T if name in self.fan_in_fan_out else delta).float()
+            for name, delta in module_deltas.items()
+        }
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """ΔW = scaling·B·A per base weight name (peft ``get_delta_weight``'s product, in float32)."""
+        return self.weight_deltas({n: (b.float() @ a.float()) * s for n, (a, b, s) in self.factors.items()})
+
+    def save(self, path: Path, extra: Mapping[str, object]) -> None:
+        """Write the factors (and JSON-able ``extra``) to ``path`` atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "factors": {
+                n: {"A": a.cpu(), "B": b.cpu(), "scaling": float(sc)}
+                for n, (a, b, sc) in self.factors.items()
+            },
+            "fan_in_fan_out": sorted(self.fan_in_fan_out),
+            "extra": json.dumps(extra, sort_keys=True, default=str),
+        }
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | None = None) -> tuple[LoraAdapter, dict]:
+        """The adapter at ``path`` (factors on ``device``) and its ``extra``."""
+        payload = torch.load(path, map_location=device or "cpu", weights_only=True)
+        factors = {n: (f["A"], f["B"], float(f["scaling"])) for n, f in payload["factors"].items()}
+        return cls(factors, frozenset(payload["fan_in_fan_out"])), json.loads(payload["extra"])
 
 
 def _token_nll(logits: torch.Tensor, batch: AnswerBatch, reduction: str) -> torch.Tensor:
@@ -192,12 +284,27 @@ class GradientUnlearning(EditorBase):
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
         wanted = self.config.lora.target_modules
+        prefixes = self._prefixes()
+        if wanted is not None and ALL_LINEAR in wanted:  # every linear layer but the LM head (ZJUKLAB)
+            from transformers.pytorch_utils import Conv1D
+
+            names = [
+                name
+                for name, module in model.named_modules()
+                if isinstance(module, (torch.nn.Linear, Conv1D))
+                and name != self.spec.lm_head
+                and (prefixes is None or name.startswith(prefixes))
+            ]
+            if not names:
+                raise ValueError(
+                    f"editor.lora.target_modules [{ALL_LINEAR}]: no linear layer under {prefixes}"
+                )
+            return names
         if wanted is None:
             kind = getattr(getattr(model, "config", None), "model_type", None)
             if kind not in DEFAULTS:
                 raise ValueError(f"editor.lora.target_modules: peft has no default for model type {kind!r}")
             wanted = list(DEFAULTS[kind])
-        prefixes = self._prefixes()
         names = [
             name
             for name, module in model.named_modules()
@@ -214,6 +321,68 @@ class GradientUnlearning(EditorBase):
     def apply(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
     ) -> WeightDelta:
+        if self.config.lora.enabled:
+            adapter, diagnostics, per_case = self.adapter(model, tokenizer, requests)
+            deltas = adapter.delta()
+        else:
+            deltas, diagnostics, per_case = self._unlearn(model, tokenizer, requests)
+        self.record(requests)
+        return WeightDelta(deltas=deltas, diagnostics=diagnostics, case_diagnostics=per_case)
+
+    # --- LoRA adapters as artifacts --------------------------------------------------------------
+
+    def adapter_key(self, requests: Sequence[EditRequest]) -> str:
+        """What the adapter depends on besides the model (whose folder ``adapter_cache`` is)."""
+        payload = {
+            "editor": f"{type(self).__module__}.{type(self).__qualname__}",
+            "config": json.loads(recipe_json(self.config)),
+            "forget": [[r.text, r.target_true] for r in requests],
+            "retain": [list(pair) for pair in self.resources.retain],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def adapter_path(self, requests: Sequence[EditRequest]) -> Path | None:
+        folder = self.resources.adapter_cache
+        return None if folder is None else Path(folder) / f"lora-{self.adapter_key(requests)}.pt"
+
+    def adapter(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]
+    ) -> tuple[LoraAdapter, dict[str, float], dict[str, list[float]]]:
+        """The trained LoRA adapter with its diagnostics: loaded from ``Resources.adapter_cache``
+        when there, else trained (and stored there). ``model`` is left as it was found."""
+        if not self.config.lora.enabled:
+            raise ValueError("editor.lora.enabled must be true for a LoRA adapter, got false")
+        path = self.adapter_path(requests)
+        if path is not None and path.exists():
+            adapter, extra = LoraAdapter.load(path, model_device(model))
+            return adapter, extra["diagnostics"] | {"unlearn_adapter_cached": 1.0}, extra["case_diagnostics"]
+        adapter, diagnostics, per_case = self._unlearn(model, tokenizer, requests)
+        if path is not None:
+            adapter.save(path, {"diagnostics": diagnostics, "case_diagnostics": per_case})
+        return adapter, diagnostics | {"unlearn_adapter_cached": 0.0}, per_case
+
+    def _seeded(self, device: torch.device):
+        """A forked generator seeded with ``seed`` (CPU and ``device``), or nothing when null."""
+        if self.config.seed is None:
+            return contextlib.nullcontext()
+        forked = torch.random.fork_rng(
+            devices=[device] if device.type != "cpu" else [], device_type=device.type
+        )
+
+        @contextlib.contextmanager
+        def seeded():
+            with forked:
+                torch.manual_seed(self.config.seed)
+                yield
+
+        return seeded()
+
+    def _unlearn(self, model, tokenizer, requests):
+        """Train; (the deltas, or with LoRA the adapter), diagnostics, per-case diagnostics."""
+        with self._seeded(model_device(model)):
+            return self._train(model, tokenizer, requests)
+
+    def _train(self, model, tokenizer, requests):
         cfg = self.config
         retain = list(self.resources.retain)
         if cfg.method in NEEDS_RETAIN and not retain:
@@ -235,13 +404,16 @@ class GradientUnlearning(EditorBase):
             if cfg.method == "npo":  # the frozen reference: the unedited model's NLL, a constant per item
                 for step in steps:
                     step.ref = _token_nll(answer_logits(model, step.forget)[0], step.forget, cfg.npo_nll)
+            elif cfg.method == "npo_kl_nll":  # ZJUKLAB: one batch-mean NLL per forget batch
+                for step in steps:
+                    step.ref = batch_nll(answer_logits(model, step.forget)[0], step.forget)
             retain_before = self._mean_nll(model, probe)
         if cfg.lora.enabled:
-            deltas, report, after, retain_after = self._train_lora(
+            result, report, after, retain_after = self._train_lora(
                 model, steps, retain_batches, forget, probe
             )
         else:
-            deltas, report, after, retain_after = self._train_full(
+            result, report, after, retain_after = self._train_full(
                 model, steps, retain_batches, forget, probe
             )
         per_case = torch.cat(after).tolist()
@@ -254,8 +426,7 @@ class GradientUnlearning(EditorBase):
         }
         if probe:  # the retain items paired with the forget batches (GA trains on none of them)
             diagnostics |= {"unlearn_retain_nll_before": retain_before, "unlearn_retain_nll": retain_after}
-        self.record(requests)
-        return WeightDelta(deltas=deltas, diagnostics=diagnostics, case_diagnostics={"forget_nll": per_case})
+        return result, diagnostics, {"forget_nll": per_case}
 
     def _batches(
         self, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], device: torch.device
@@ -291,6 +462,9 @@ class GradientUnlearning(EditorBase):
 
         def loss(step: _Batch) -> torch.Tensor:
             logits, _ = answer_logits(model, step.forget)
+            if cfg.method == "npo_kl_nll":
+                assert step.ref is not None and cycle is not None
+                return self._npo_kl_nll(model, logits, step, next(cycle), reference)
             if cfg.method == "npo":
                 assert step.ref is not None
                 nll = _token_nll(logits, step.forget, cfg.npo_nll)
@@ -311,6 +485,27 @@ class GradientUnlearning(EditorBase):
             return total + cfg.retain_weight * retain_loss
 
         return loss
+
+    def _npo_kl_nll(
+        self,
+        model: torch.nn.Module,
+        logits: torch.Tensor,
+        step: _Batch,
+        kept: AnswerBatch,
+        reference: Callable[[], object] | None,
+    ) -> torch.Tensor:
+        """ZJUKLAB's total: ga_ratio·NPO(batch NLL) + gd_ratio·KL(every position) + gk_ratio·NLL."""
+        cfg = self.config
+        assert step.ref is not None
+        total = cfg.ga_ratio * npo_loss(batch_nll(logits, step.forget), step.ref, cfg.beta)
+        inputs = {"input_ids": kept.enc.input_ids, "attention_mask": kept.enc.attention_mask}
+        retain_logits = model(**inputs).logits  # one pass: the KL's every position and the NLL's reads
+        if cfg.gd_ratio > 0:
+            assert reference is not None
+            with torch.no_grad(), reference():
+                ref_logits = model(**inputs).logits
+            total = total + cfg.gd_ratio * kl_divergence(retain_logits, ref_logits, None)
+        return total + cfg.gk_ratio * batch_nll(read_answer_logits(retain_logits, kept), kept)
 
     def _loop(self, n_batches: int, n_items: int) -> tuple[LoopConfig, int, int]:
         """The loop settings, with the warm-up and total optimiser steps of the schedule."""
@@ -386,7 +581,7 @@ class GradientUnlearning(EditorBase):
         return deltas, report, after, retain_after
 
     def _train_lora(self, model, steps, retain_batches, forget, probe):
-        """Train a peft LoRA adapter; return its merged ΔW per base weight and unload it."""
+        """Train a peft LoRA adapter; return it (:class:`LoraAdapter`) and unload it."""
         from peft import LoraConfig, get_peft_model
         from transformers.pytorch_utils import Conv1D
 
@@ -419,10 +614,18 @@ class GradientUnlearning(EditorBase):
             with torch.no_grad():
                 after = [answer_nll(answer_logits(model, b)[0], b) for b in forget]
                 retain_after = self._mean_nll(model, probe)
-                deltas = {
-                    f"{name}.weight": model.get_submodule(name).get_delta_weight("default").detach().float()
-                    for name in targets
-                }
+                layers = {name: model.get_submodule(name) for name in targets}
+                adapter = LoraAdapter(
+                    {
+                        name: (
+                            layer.lora_A["default"].weight.detach().clone(),
+                            layer.lora_B["default"].weight.detach().clone(),
+                            float(layer.scaling["default"]),
+                        )
+                        for name, layer in layers.items()
+                    },
+                    frozenset(name for name, layer in layers.items() if layer.fan_in_fan_out),
+                )
         finally:
             peft_model.unload()  # the base modules back in place, unmerged
             for extra in set(vars(model)) - attributes:  # peft_config and the like
@@ -431,4 +634,4 @@ class GradientUnlearning(EditorBase):
                 p.requires_grad_(flags[n])
             for n, m in model.named_modules():
                 m.train(modes[n])
-        return deltas, report, after, retain_after
+        return adapter, report, after, retain_after

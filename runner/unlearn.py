@@ -49,6 +49,7 @@ from runner.environment import run_environment
 from runner.models import LoadedModel, ToyFact, load_model, load_toy_on_facts
 from runner.oom import explain_oom
 from runner.results import ResultsStore, check_resume
+from runner.tokenizers import content_hash
 from runner.tracking import make_tracker
 from runner.unlearning_data import NAMES as UNLEARNING_NAMES
 from runner.unlearning_data import UnlearningSet, load_unlearning
@@ -426,6 +427,7 @@ def run_unlearn(cfg: DictConfig) -> dict[str, Any]:
             progress=cfg.progress,
             artifacts=artifacts,
             retain=retain_pairs,
+            adapter_cache=cache_dir / "adapters" / content_hash(f"{loaded.model_id}@{loaded.revision}"),
         ),
     )
 

@@ -19,10 +19,12 @@ from editors.training.losses import (
     answer_batch,
     answer_logits,
     answer_nll,
+    batch_nll,
     ga_loss,
     kl_divergence,
     mix_sss,
     npo_loss,
+    read_answer_logits,
     sss_term,
 )
 
@@ -35,10 +37,12 @@ __all__ = [
     "answer_batch",
     "answer_logits",
     "answer_nll",
+    "batch_nll",
     "fit",
     "ga_loss",
     "kl_divergence",
     "mix_sss",
     "npo_loss",
+    "read_answer_logits",
     "sss_term",
 ]

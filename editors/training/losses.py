@@ -84,9 +84,14 @@ def answer_logits(
         attention_mask=batch.enc.attention_mask,
         output_hidden_states=hidden,
     )
-    rows = torch.arange(batch.enc.input_ids.shape[0], device=batch.enc.input_ids.device)
-    logits = out.logits[rows[:, None], batch.positions].float()
-    return logits, (out.hidden_states[-1] if hidden else None)
+    return read_answer_logits(out.logits, batch), (out.hidden_states[-1] if hidden else None)
+
+
+def read_answer_logits(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
+    """Float logits [B, K, V] at the batch's read positions, from the full logits [B, T, V] of a
+    forward pass over ``batch.enc`` (one pass serves a loss on every position and the answer NLL)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows[:, None], batch.positions].float()
 
 
 def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
@@ -94,6 +99,15 @@ def answer_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
     logp = torch.log_softmax(logits, dim=-1)
     logp = logp.expand(-1, batch.gold.shape[1], -1)  # prompt_last: one position for all tokens
     return -(logp.gather(2, batch.gold[..., None])[..., 0] * batch.mask).sum(1) / batch.mask.sum(1)
+
+
+def batch_nll(logits: torch.Tensor, batch: AnswerBatch) -> torch.Tensor:
+    """The mean NLL over EVERY answer token of the batch (a scalar): HF's causal-LM loss with the
+    prompt and padding labelled −100. Unlike ``answer_nll(...).mean()`` (the mean of per-item means)
+    a long answer weighs more than a short one; the two agree when the answers are of one length."""
+    nll = answer_nll(logits, batch)
+    tokens = batch.mask.sum(1)
+    return (nll * tokens).sum() / tokens.sum()
 
 
 def sss_term(
@@ -145,23 +159,30 @@ def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Ten
     log-ratio is −(nll − ref_nll) and the loss ``-2 / beta * logsigmoid(beta * (0 - lose_log_ratio))
     .mean()``. There ``nll`` is ``compute_batch_nll``: each sequence's SUM of token NLLs (not the
     per-token mean), and ``ref_nll`` the same under the frozen reference model; pass per-token means
-    for the length-normalised variant. ``ref_nll`` carries no gradient. ∂/∂nll_i = −(2/B)·σ(−β·(nll_i −
-    ref_nll_i)), which tends to −1/B, GA's gradient on the same ``nll``, as β → 0."""
+    for the length-normalised variant, or one scalar per batch (:func:`batch_nll`, ZJUKLAB's
+    SemEval-2025 loss: the mean token NLL of the whole forget batch). ``ref_nll`` carries no
+    gradient. ∂/∂nll_i = −(2/B)·σ(−β·(nll_i − ref_nll_i)), which tends to −1/B, GA's gradient on the
+    same ``nll``, as β → 0."""
     if beta <= 0:
         raise ValueError(f"NPO beta must be positive, got {beta}")
     margin = beta * (nll - ref_nll.detach())
     return -(2.0 / beta) * torch.nn.functional.logsigmoid(margin).mean()
 
 
-def kl_divergence(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_divergence(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """KL(reference ‖ current) of the next-token distributions, summed over the vocabulary and
-    averaged over the positions where ``mask`` [B, T] is 1 (``logits``, ``ref_logits``: [B, T, V]).
+    averaged over the positions where ``mask`` [B, T] is 1 (``logits``, ``ref_logits``: [B, T, V]);
+    ``mask=None``: averaged over EVERY position, prompt and padding included (the sum over B·T).
 
-    open-unlearning ``src/trainer/utils.py`` ``compute_kl_divergence``: ``kl_div(log p_cur,
-    log p_ref, reduction="batchmean", log_target=True)`` over the flattened [B·T, V] logits, i.e. the
-    same KL averaged over EVERY position, padding included; here padding is masked out."""
+    open-unlearning ``src/trainer/utils.py`` ``compute_kl_divergence`` and ZJUKLAB's SemEval-2025
+    trainer (zjunlp/unlearn ``semeval25/unlearn-merging.py``): ``kl_div(log p_cur, log p_ref,
+    reduction="batchmean", log_target=True)`` over the flattened [B·T, V] logits, i.e. the KL
+    averaged over every position: ``mask=None`` (ZJUKLAB's ``npo_kl_nll``); GradDiff/NPO's
+    ``retain_loss=kl`` here masks the padding out."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.detach().float(), dim=-1)
     per_position = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    if mask is None:
+        return per_position.mean()
     mask = mask.to(per_position.dtype)
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
