@@ -240,6 +240,7 @@ EXPECTED = {
     "layers": ("editor.layers", [[0], [1], [2], [3], [0, 1, 2], [1, 2, 3]]),
     "num_edits": ("batch_size", [1, 10, 100, 1000, 10000]),
     "editors": ("editor", ["rome", "memit"]),
+    "ties_density": ("editor.merge.density", [0.2, 0.4, 0.6, 0.8, 1.0]),
 }
 
 
@@ -254,6 +255,12 @@ def test_presets_compose_as_multiruns_with_the_documented_values(hydra_conf, nam
     assert list(params) == [key]
     (override,) = OverridesParser.create().parse_overrides([f"{key}={params[key]}"])
     assert override.is_sweep_override() and list(override.sweep_iterator()) == values
+
+
+def test_ties_density_preset_unlearns_tofu_with_the_merged_editor(hydra_conf):
+    cfg = compose("config", overrides=[_sweep_override("ties_density"), "model=tiny-gpt2"])
+    assert cfg.task == "unlearn" and cfg.dataset.name == "tofu"
+    assert "density" in cfg.editor.merge  # the swept key exists in editor=ties_npo
 
 
 def test_num_edits_preset_makes_the_dataset_size_follow_the_batch_size(hydra_conf):
