@@ -342,22 +342,3 @@ def merge_lora_adapters(
         b_m = _merge_members([b for _, b, _ in factors], w_b, method, density, generator).to(dtype)
         out[name] = _work(b_m) @ _work(a_m)
     return out
-
-
-def adapter_factors(model: torch.nn.Module, adapter_name: str) -> dict[str, LoraFactors]:
-    """``{module: (A, B, scaling)}`` of a peft LoRA adapter (linear layers), module names as in the
-    wrapped transformers model (so ``name + ".weight"`` is the weight ΔW is added to)."""
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
-            out[name] = (
-                module.lora_A[adapter_name].weight.detach(),
-                module.lora_B[adapter_name].weight.detach(),
-                float(module.scaling[adapter_name]),
-            )
-    if not out:
-        raise ValueError(f"adapter_factors: the model has no LoRA linear layer with adapter {adapter_name!r}")
-    return out

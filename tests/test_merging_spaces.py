@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from editors.merging import adapter_factors, merge_lora_adapters
+from editors.merging import merge_lora_adapters
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -29,6 +29,21 @@ def _llama():
         num_key_value_heads=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def adapter_factors(model, adapter: str) -> dict:
+    """``{module: (A, B, scaling)}`` of one adapter of a peft LoRA model, names as in the base model."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: (
+            m.lora_A[adapter].weight.detach(),
+            m.lora_B[adapter].weight.detach(),
+            float(m.scaling[adapter]),
+        )
+        for name, m in model.get_base_model().named_modules()
+        if isinstance(m, LoraLayer) and adapter in m.lora_A
+    }
 
 
 def _two_adapters(base, targets, alphas=(8, 4), r=4, fan_in_fan_out=False):
