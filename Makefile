@@ -26,7 +26,7 @@ test-slow:  ## the slow tests (longer end-to-end runs)
 # the unlearning presets' rows that CI runs at tiny size (UNLEARN_TINY=<all of conf/recipe> for every row)
 UNLEARN_TINY ?= memit_fixed,memit_merged,alphaedit_self_improve,wise_fixed,npo
 
-presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3, unlearning on TOFU and RWKU) on the toy model at tiny size (CI runs it)
+presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3, unlearning on TOFU and RWKU, TIES-merged unlearning) on the toy model at tiny size (CI runs it)
 	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=4,16' $(ARGS)
@@ -35,6 +35,7 @@ presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit T
 	$(PY) run.py +experiment=sss_table3 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=unlearn_tofu +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 '+recipe=$(UNLEARN_TINY)' $(ARGS)
 	$(PY) run.py +experiment=unlearn_rwku +size=tiny model=toy threads=2 progress=false model.train.progress=false '+recipe=$(UNLEARN_TINY)' $(ARGS)
+	$(PY) run.py +experiment=ties_unlearn +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)

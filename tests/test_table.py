@@ -186,3 +186,25 @@ def test_published_rows_per_setting_keep_their_note_and_the_methods_order(tmp_pa
     memit = {r.label: r.metrics["locality"]["mean"] for r in rows if r.method == "memit"}
     assert memit == {"MEMIT [n=1]": 100, "MEMIT [n=10]": 100, "MEMIT [n=100]": 91.0, "MEMIT [n=1000]": 54.8}
     assert "FT-L w/ SSS [n=1000] †" in to_markdown(table, load_layout())
+
+
+def test_ties_unlearn_preset_rows_share_their_members():
+    paths = ["paths.cache_dir=/tmp/c", "paths.output_dir=/tmp/o"]
+    full = compose_config("+experiment=ties_unlearn", *paths, return_hydra_config=True)
+    assert full.task == "unlearn" and full.dataset.name == "tofu" and full.dataset.forget_split == "forget10"
+    recipes = [r.strip() for r in full.hydra.sweeper.params["+recipe"].split(",")]
+    rows = {}
+    for recipe in recipes:
+        cfg = compose_config("+experiment=ties_unlearn", f"+recipe={recipe}", "model=toy", *paths)
+        assert cfg.editor._target_.endswith("TiesNpo")
+        rows[recipe] = (cfg.editor.member, cfg.editor.merge.space, cfg.editor.merge.method, cfg.editor.merge.density)
+        members = (cfg.editor.over, cfg.editor.under)
+        assert [(m.ga_ratio, m.gd_ratio, m.gk_ratio) for m in members] == [(0.4, 0.4, 0.2), (0.3, 0.3, 0.4)]
+    assert rows == {
+        "ties_over": ("over", "lora_factors", "ties", 0.8),
+        "ties_under": ("under", "lora_factors", "ties", 0.8),
+        "ties_merged": (None, "lora_factors", "ties", 0.8),
+        "ties_merged_delta": (None, "delta_weights", "ties", 0.8),
+        "ties_task_arithmetic": (None, "delta_weights", "task_arithmetic", 0.8),
+        "ties_dare": (None, "delta_weights", "dare_ties", 0.8),
+    }
