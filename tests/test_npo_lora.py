@@ -328,3 +328,23 @@ def test_ties_npo_members_and_merges_from_cached_adapters(net, tiny_tokenizer, t
     handle.restore()
     assert_same(net, before)
     assert f_merged > f0 + 0.2
+
+
+# --- task=unlearn end to end ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~200 s on one CPU thread, most of it the toy's training (cached across the suite)
+def test_task_unlearn_runs_the_merge_and_a_member_from_the_same_cached_adapters(tmp_path):
+    from runner import run
+    from tests.test_unlearn_task import _cfg
+
+    small = ("epochs=2", "lora.r=4", "lora.alpha=4")
+    members = [f"editor.{m}.{k}" for m in ("over", "under") for k in small]
+    merged = run(_cfg(tmp_path, "editor=ties_npo", *members, out="merged"))
+    adapters = list((tmp_path.parent / "unlearn-cache" / "adapters").glob("*/lora-*.pt"))
+    over = run(_cfg(tmp_path, "editor=ties_npo", *members, "editor.member=over", out="over"))
+    assert len(adapters) == 2  # one per member, in the model's folder
+    assert list((tmp_path.parent / "unlearn-cache" / "adapters").glob("*/lora-*.pt")) == adapters  # reused
+    for summary in (merged, over):
+        post, pre = summary["metrics"]["post"], summary["metrics"]["pre"]
+        assert post["forget/loss"]["mean"] > pre["forget/loss"]["mean"]  # the forget answers got less likely
