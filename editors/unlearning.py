@@ -23,7 +23,9 @@ come in ``Resources.retain``. Every loss reads the teacher-forced NLL of the ans
   is computed once before training (the batches are fixed and the reference frozen: the same
   constants the release recomputes each step). Differences: the release left-pads every sequence
   to max_length 256, so its B·T counts padding up to 256; here T is the batch's widest row, so the
-  KL is the same per-position KL averaged over fewer padding positions.
+  KL is the same per-position KL averaged over fewer padding positions; the release's base weights
+  are fp16 with gradient checkpointing, here the model trains in its own dtype; its retain item
+  ``i mod |retain|`` per forget item is the cycled retain batch here.
 - retain loss ``nll`` (the release's ``NLL``): mean answer NLL of the retain batch; ``kl``
   (``KL``): KL(reference ‖ current) over the retain sequence's tokens (``compute_kl_divergence``).
   The reference logits come from the same model with the LoRA adapter disabled, so ``kl`` needs
@@ -54,9 +56,10 @@ parameters' originals are cloned (one copy of them) to restore the model bit-exa
 ``Resources.adapter_cache`` (task=unlearn: a folder per model id and revision, or the toy's content
 key) the adapter is stored there as ``lora-<key>.pt``, the key a hash of the editor class, its whole
 config (``seed`` included) and the forget requests' (prompt, answer) and retain pairs in order; a
-second run with the same key loads it instead of training (``unlearn_adapter_cached`` = 1). The
-device is not in the key (a GPU-trained adapter loaded on CPU is the GPU's). ``seed`` (null: the
-global generator as the run left it) seeds LoRA's initialisation and dropout in a forked generator.
+second run with the same key loads it instead of training (``unlearn_adapter_cached`` = 1). Only
+a seeded adapter is cached: ``seed`` (npo_lora: the release's 42) seeds LoRA's initialisation and
+dropout in a forked generator; null leaves them to the global generator as the run left it, which
+no key names. The device is not in the key (a GPU-trained adapter loaded on CPU is the GPU's).
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class GradientUnlearningConfig:
     grad_clip: float | None = 1.0  # max gradient norm (null: none)
     beta: float = 0.1  # NPO's β
     npo_nll: str = "sum"  # NPO's per-item NLL: sum over answer tokens (the release) | mean
-    forget_weight: float = 1.0  # γ: weight of the forget loss
+    forget_weight: float = 1.0  # γ: weight of the forget loss (ga, grad_diff, npo)
     retain_weight: float = 1.0  # α: weight of the retain loss (grad_diff, npo)
     retain_loss: str = "nll"  # nll | kl (kl needs lora.enabled)
     ga_ratio: float = 0.4  # npo_kl_nll: weight of NPO (ZJUKLAB's model1)
@@ -342,8 +345,12 @@ class GradientUnlearning(EditorBase):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def adapter_path(self, requests: Sequence[EditRequest]) -> Path | None:
+        """Where the adapter is cached; None without a cache folder or a ``seed`` (unseeded, the
+        adapter depends on the global generator's state, which no key names)."""
         folder = self.resources.adapter_cache
-        return None if folder is None else Path(folder) / f"lora-{self.adapter_key(requests)}.pt"
+        if folder is None or self.config.seed is None:
+            return None
+        return Path(folder) / f"lora-{self.adapter_key(requests)}.pt"
 
     def adapter(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest]

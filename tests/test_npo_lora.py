@@ -256,6 +256,7 @@ def test_seeded_training_repeats_and_the_cache_round_trips(net, tiny_tokenizer, 
         editor().adapter_key(requests()[:3]),
     }
     assert len(keys) == 5 and editor().adapter_key(requests()) == first.adapter_key(requests())
+    assert editor(cache=tmp_path, seed=None).adapter_path(requests()) is None  # unseeded: not cached
 
 
 # --- the merged editor ---------------------------------------------------------------------------
