@@ -368,21 +368,15 @@ class GradientUnlearning(EditorBase):
             adapter.save(path, {"diagnostics": diagnostics, "case_diagnostics": per_case})
         return adapter, diagnostics | {"unlearn_adapter_cached": 0.0}, per_case
 
-    def _seeded(self, device: torch.device):
-        """A forked generator seeded with ``seed`` (CPU and ``device``), or nothing when null."""
+    @contextlib.contextmanager
+    def _seeded(self, device: torch.device) -> Iterator[None]:
+        """A forked generator seeded with ``seed`` (CPU and ``device``); nothing when null."""
         if self.config.seed is None:
-            return contextlib.nullcontext()
-        forked = torch.random.fork_rng(
-            devices=[device] if device.type != "cpu" else [], device_type=device.type
-        )
-
-        @contextlib.contextmanager
-        def seeded():
-            with forked:
-                torch.manual_seed(self.config.seed)
-                yield
-
-        return seeded()
+            yield
+            return
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
+            torch.manual_seed(self.config.seed)
+            yield
 
     def _unlearn(self, model, tokenizer, requests):
         """Train; (the deltas, or with LoRA the adapter), diagnostics, per-case diagnostics."""

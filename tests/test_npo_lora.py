@@ -230,7 +230,11 @@ def test_seeded_training_repeats_and_the_cache_round_trips(net, tiny_tokenizer, 
     a1, d1, _ = first.adapter(net, tiny_tokenizer, requests())
     assert d1["unlearn_adapter_cached"] == 0.0
     assert list(tmp_path.glob("lora-*.pt")) == [first.adapter_path(requests())]
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
     a2, _, _ = editor().adapter(net, tiny_tokenizer, requests())  # no cache: trained again
+    assert torch.equal(torch.rand(3), expected)  # in a forked generator: the global one untouched
     assert all(torch.equal(a1.delta()[n], a2.delta()[n]) for n in a1.delta())  # seeded: the same
     again = editor(cache=tmp_path)
     edit = again.apply(net, tiny_tokenizer, requests())
