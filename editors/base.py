@@ -172,6 +172,12 @@ class EditorBase:
     #: request in one call, whatever ``batch_size``, and names its row without a target.
     APPLY_ONCE: bool = False
 
+    def variant(self) -> str | None:
+        """What the results table must tell apart among this editor's configurations (a merged
+        editor's member or merge: ``over``, ``lora_factors/ties@0.8``), appended to the row name;
+        None: the editor's config name is enough."""
+        return None
+
     def __init__(self, config: Any, spec: Any) -> None:
         self.config = config
         self.spec = spec

@@ -85,6 +85,13 @@ class TiesNpo(EditorBase):
     def __init__(self, config: TiesNpoConfig, spec: ModelSpec) -> None:
         super().__init__(config, spec)
 
+    def variant(self) -> str:
+        """``over`` / ``under`` for one member, else the merge (``lora_factors/ties@0.8``)."""
+        if self.config.member is not None:
+            return self.config.member
+        m = self.config.merge
+        return f"{m.space}/{m.method}@{m.density:g}"
+
     def members(self) -> dict[str, GradientUnlearning]:
         """The member editors that this configuration needs, sharing this editor's resources."""
         names = MEMBERS if self.config.member is None else (self.config.member,)

@@ -496,8 +496,11 @@ def run_unlearn(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _method(label: str, editor, ucfg: UnlearnConfig) -> str:
-    """The row name: the editor and its recipe (``memit+fixed+merge4``); a baseline that trains
-    on the whole forget set reads the answers, not a target, so it is the editor alone."""
+    """The row name: the editor (with its :meth:`~editors.base.EditorBase.variant`) and its recipe
+    (``memit+fixed+merge4``); a baseline that trains on the whole forget set reads the answers, not
+    a target, so it is the editor alone (``ties_npo+over``, ``ties_npo+lora_factors/ties@0.8``)."""
+    variant = editor.variant() if hasattr(editor, "variant") else None
+    label = f"{label}+{variant}" if variant else label
     if getattr(editor, "APPLY_ONCE", False):
         return label
     merge = f"+merge{ucfg.merge_queries}" if ucfg.merge_queries > 1 else ""

@@ -353,3 +353,26 @@ def test_task_unlearn_runs_the_merge_and_a_member_from_the_same_cached_adapters(
     for summary in (merged, over):
         post, pre = summary["metrics"]["post"], summary["metrics"]["pre"]
         assert post["forget/loss"]["mean"] > pre["forget/loss"]["mean"]  # the forget answers got less likely
+
+
+def test_ties_npo_rows_are_told_apart(tmp_path):
+    from runner.unlearn import _method
+    from runner.unlearning_recipes import UnlearnConfig
+
+    names = {
+        _method("ties_npo", ties_npo(tmp_path, *o), UnlearnConfig())
+        for o in [
+            ("editor.member=over",),
+            ("editor.member=under",),
+            (),
+            ("editor.merge.space=delta_weights",),
+        ]
+    }
+    names.add(_method("ties_npo", ties_npo(tmp_path, "editor.merge.density=0.2"), UnlearnConfig()))
+    assert names == {
+        "ties_npo+over",
+        "ties_npo+under",
+        "ties_npo+lora_factors/ties@0.8",
+        "ties_npo+delta_weights/ties@0.8",
+        "ties_npo+lora_factors/ties@0.2",
+    }
