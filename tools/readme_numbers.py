@@ -160,6 +160,25 @@ UNLEARN = [
     ("GradDiff", ["editor=grad_diff"]),
     ("NPO", ["editor=npo"]),
 ]
+TIES = [
+    ("over-forgetting member (0.4/0.4/0.2)", ["editor=ties_npo", "editor.member=over"]),
+    ("under-forgetting member (0.3/0.3/0.4)", ["editor=ties_npo", "editor.member=under"]),
+    ("TIES on the LoRA factors (as released)", ["editor=ties_npo"]),
+    ("TIES on the task vectors", ["editor=ties_npo", "editor.merge.space=delta_weights"]),
+    (
+        "task arithmetic",
+        ["editor=ties_npo", "editor.merge.space=delta_weights", "editor.merge.method=task_arithmetic"],
+    ),
+    ("DARE-TIES", ["editor=ties_npo", "editor.merge.space=delta_weights", "editor.merge.method=dare_ties"]),
+]
+TIES_COLUMNS = (
+    "forget_quality",
+    "model_utility",
+    "forget_rouge_l",
+    "retain_rouge_l",
+    "mia_loss_auc",
+    "mia_score",
+)
 UNLEARN_COLUMNS = (
     "forget_quality",
     "model_utility",
@@ -211,6 +230,11 @@ BLOCKS: dict[str, Block] = {
             "unlearn_tofu",
             [Job(label, ["task=unlearn", "dataset=tofu", *args]) for label, args in UNLEARN],
             render_unlearning(UNLEARN_COLUMNS),
+        ),
+        Block(
+            "ties_unlearn",
+            [Job(label, ["task=unlearn", "dataset=tofu", *args]) for label, args in TIES],
+            render_unlearning(TIES_COLUMNS),
         ),
         Block(
             "stream",
