@@ -28,6 +28,7 @@ TOY = [
     "model.train.stop_at_recall=0.9",
     "model.train.progress=false",
     "unlearn.max_new_tokens=24",
+    "unlearn.toy_refusals=4",  # the refusal answer space, in proportion
     "stats.n_samples=100",
     "threads=1",
     "progress=false",
