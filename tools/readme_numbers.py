@@ -145,31 +145,40 @@ LIFELONG = [
 ]
 
 #: task=unlearn on the TOFU toy (forget05, 10 retain authors' worth of facts): every method's row
-UNLEARN = [
+NO_PRE = "eval.pre_edit=false"  # a row after the first needs no before-unlearning scores
+UNLEARN = [  # the first row also scores the model before unlearning (the table's first row)
     ("MEMIT, idk refusal", ["editor=memit"]),
+    ("AlphaEdit, self-improved refusal", ["editor=alphaedit", "unlearn.target=self_improve", NO_PRE]),
+    ("WISE, idk refusal", ["editor=wise", NO_PRE]),
+    ("NPO", ["editor=npo", NO_PRE]),
     (
         "MEMIT, query merging (K=4), fixed refusal",
-        ["editor=memit", "unlearn.target=fixed", "unlearn.merge_queries=4"],
+        ["editor=memit", "unlearn.target=fixed", "unlearn.merge_queries=4", NO_PRE],
     ),
-    ("AlphaEdit, self-improved refusal", ["editor=alphaedit", "unlearn.target=self_improve"]),
-    ("WISE, idk refusal", ["editor=wise"]),
-    ("ROME, idk refusal", ["editor=rome"]),
-    ("CoME-MEMIT, idk refusal", ["editor=come_memit"]),
-    ("GRACE, idk refusal", ["editor=grace"]),
-    ("GA", ["editor=ga"]),
-    ("GradDiff", ["editor=grad_diff"]),
-    ("NPO", ["editor=npo"]),
+    ("GA", ["editor=ga", NO_PRE]),
+    ("GradDiff", ["editor=grad_diff", NO_PRE]),
+    ("ROME, idk refusal", ["editor=rome", NO_PRE]),
+    ("CoME-MEMIT, idk refusal", ["editor=come_memit", NO_PRE]),
+    ("GRACE, idk refusal", ["editor=grace", NO_PRE]),
 ]
 TIES = [
     ("over-forgetting member (0.4/0.4/0.2)", ["editor=ties_npo", "editor.member=over"]),
-    ("under-forgetting member (0.3/0.3/0.4)", ["editor=ties_npo", "editor.member=under"]),
-    ("TIES on the LoRA factors (as released)", ["editor=ties_npo"]),
-    ("TIES on the task vectors", ["editor=ties_npo", "editor.merge.space=delta_weights"]),
+    ("under-forgetting member (0.3/0.3/0.4)", ["editor=ties_npo", "editor.member=under", NO_PRE]),
+    ("TIES on the LoRA factors (as released)", ["editor=ties_npo", NO_PRE]),
+    ("TIES on the task vectors", ["editor=ties_npo", "editor.merge.space=delta_weights", NO_PRE]),
     (
         "task arithmetic",
-        ["editor=ties_npo", "editor.merge.space=delta_weights", "editor.merge.method=task_arithmetic"],
+        [
+            "editor=ties_npo",
+            "editor.merge.space=delta_weights",
+            "editor.merge.method=task_arithmetic",
+            NO_PRE,
+        ],
     ),
-    ("DARE-TIES", ["editor=ties_npo", "editor.merge.space=delta_weights", "editor.merge.method=dare_ties"]),
+    (
+        "DARE-TIES",
+        ["editor=ties_npo", "editor.merge.space=delta_weights", "editor.merge.method=dare_ties", NO_PRE],
+    ),
 ]
 TIES_COLUMNS = (
     "forget_quality",
@@ -310,13 +319,20 @@ def run_job(block: Block, job: Job, folder: Path, python: str, threads: int | No
     return folder
 
 
-def render_block(block: Block, runs: list[tuple[Job, Path]], machine: str, sha: str, jobs: int = 1) -> str:
+def render_block(
+    block: Block,
+    runs: list[tuple[Job, Path]],
+    machine: str,
+    sha: str,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> str:
     commands = "; ".join(f"`{command_text(block, job)}`" for job, _ in runs)
     seconds = sum(float((folder / "wall_seconds.txt").read_text()) for _, folder in runs)
     footer = (
         f"<sub>Written by `make readme-numbers` ({_dt.date.today().isoformat()}, commit {sha}) from "
         f"{commands}; {seconds / 60:.1f} min wall in all"
-        f"{f', {jobs} side by side with threads=1 each' if jobs > 1 else ''} "
+        f"{f', {jobs} side by side' if jobs > 1 else ''}{f', threads={threads} each' if threads else ''} "
         f"(toy and statistics cached); {machine}.</sub>"
     )
     return f"{block.render(runs).rstrip()}\n\n{footer}"
@@ -347,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="a block's runs side by side (each then gets threads=1)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="threads=N for every run.py job")
     args = parser.parse_args(argv)
     text = args.readme.read_text(encoding="utf-8")
     names = [n for n in args.only.split(",") if n] or blocks_in(text)
@@ -362,14 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     machine, sha = machine_line(), git_sha()
     for name in names:
         block = BLOCKS[name]
-        threads = 1 if args.jobs > 1 else None
+        threads = args.threads or (1 if args.jobs > 1 else None)
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = [
                 pool.submit(run_job, block, job, out / name / str(i), sys.executable, threads)
                 for i, job in enumerate(block.jobs)
             ]
             runs = [(job, future.result()) for job, future in zip(block.jobs, futures)]
-        body = render_block(block, runs, machine, sha, args.jobs)
+        body = render_block(block, runs, machine, sha, args.jobs, threads)
         # re-read first: block by block (a failure keeps the others), and two calls with other
         # --only blocks may run side by side
         text = replace_block(args.readme.read_text(encoding="utf-8"), name, body)
