@@ -246,6 +246,11 @@ BLOCKS: dict[str, Block] = {
             render_unlearning(TIES_COLUMNS),
         ),
         Block(
+            "ties_density",
+            [Job("the density sweep", ["sweep=ties_density", NO_PRE], multirun=True)],
+            render_paper_table,
+        ),
+        Block(
             "stream",
             [Job("make bench (stream)", ["--checkpoints", "10,100"])],
             render_bench,
