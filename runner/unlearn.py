@@ -114,16 +114,24 @@ def _toy_facts(items, prompter: Prompter, answers: Sequence[str] | None = None) 
     return sorted(seen.values())
 
 
-def _toy_refusals(data: UnlearningSet, prompter: Prompter, ucfg: UnlearnConfig, seed: int) -> list[ToyFact]:
-    """``unlearn.toy_refusals`` questions of ``train["unseen"]``, each answered with a refusal
-    (``idk_target``'s draw): both toys learn them, so that a refusal is an answer the toy can give."""
+def _toy_refusals(
+    data: UnlearningSet, prompter: Prompter, ucfg: UnlearnConfig, seed: int, capped: bool = False
+) -> list[ToyFact]:
+    """``unlearn.toy_refusals`` questions no toy learns, each answered with a refusal
+    (``idk_target``'s draw): both toys learn them, so that a refusal is an answer the toy can give.
+    The questions: ``train["unseen"]`` (TOFU's left-out retain authors) and, when ``dataset.size``
+    caps the toys to the evaluated items, the training items they then do not learn."""
     if not ucfg.toy_refusals:
         return []
-    unseen = list(data.train.get("unseen", ()))[: ucfg.toy_refusals]
+    pool = list(data.train.get("unseen", ()))
+    if capped:
+        asked = {i.question for items in data.splits.values() for i in items}
+        pool += [i for i in data.train.get("retain", ()) if i.question not in asked]
+    unseen = pool[: ucfg.toy_refusals]
     if len(unseen) < ucfg.toy_refusals:
         raise ValueError(
-            f"unlearn.toy_refusals={ucfg.toy_refusals}: dataset {data.name} has {len(unseen)} unseen "
-            "questions (TOFU: the retain authors dataset.retain_authors leaves out)"
+            f"unlearn.toy_refusals={ucfg.toy_refusals}: dataset {data.name} has {len(unseen)} questions no toy "
+            "learns (TOFU: the retain authors dataset.retain_authors leaves out); lower it, or 0"
         )
     refusals = list(data.refusals) or [ucfg.fixed_target]
     return _toy_facts(unseen, prompter, [idk_target(refusals, seed, item.item_id) for item in unseen])
@@ -169,7 +177,7 @@ def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: Un
         def check(tokenizer) -> None:
             check_item_lengths(data, prompter, ucfg, tokenizer, limit, reserve)
 
-        declined = _toy_refusals(data, prompter, ucfg, int(cfg.seed))
+        declined = _toy_refusals(data, prompter, ucfg, int(cfg.seed), capped)
         loaded = load_toy_on_facts(
             cfg.model,
             _toy_facts(_toy_training(data, "full", capped), prompter),

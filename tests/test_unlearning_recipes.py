@@ -200,7 +200,7 @@ def test_toy_refusals_decline_only_questions_no_split_holds():
     assert not asked & {f.prompt for f in declined}
     assert _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=0), seed=0) == []
     assert declined == _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=40), seed=0)
-    with pytest.raises(ValueError, match="toy_refusals=5000: dataset tofu has 3600 unseen"):
+    with pytest.raises(ValueError, match="toy_refusals=5000: dataset tofu has 3600 questions no toy learns"):
         _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=5000), seed=0)
 
 
@@ -219,3 +219,17 @@ def test_the_datasets_refusals_count_as_refusals():
     assert (
         len(with_dataset) == len(refusal_keywords(UnlearnConfig())) + 1
     )  # "I don't know" is already a keyword
+
+
+def test_toy_refusals_of_a_capped_toy_come_from_the_items_it_does_not_learn():
+    from runner.unlearn import Prompter, _toy_refusals
+    from runner.unlearning_data import load_unlearning
+
+    data = load_unlearning({"name": "tofu", "forget_split": "forget01", "retain_authors": None, "size": 16})
+    assert "unseen" not in data.train  # every retain author kept
+    prompter = Prompter("Question: {question}\nAnswer:", None, False)
+    with pytest.raises(ValueError, match="0 questions no toy learns"):
+        _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=8), seed=0)
+    declined = _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=8), seed=0, capped=True)
+    asked = {prompter(i.question) for items in data.splits.values() for i in items}
+    assert len(declined) == 8 and not asked & {f.prompt for f in declined}
