@@ -23,7 +23,8 @@ test:  ## the default test suite (CPU, no network, a few minutes)
 test-slow:  ## the slow tests (longer end-to-end runs)
 	$(PY) -m pytest -q -m slow
 
-# the unlearning presets' rows that CI runs at tiny size (UNLEARN_TINY=<all of conf/recipe> for every row)
+# the unlearning presets' rows that CI runs at tiny size (UNLEARN_TINY=<all of conf/recipe> for every row);
+# the tiny TOFU toys decline 16 unseen questions (unlearn.toy_refusals), in proportion to their 16 items per split
 UNLEARN_TINY ?= memit_fixed,memit_merged,alphaedit_self_improve,wise_fixed,npo
 
 presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3, unlearning on TOFU and RWKU, TIES-merged unlearning) on the toy model at tiny size (CI runs it)
@@ -33,9 +34,9 @@ presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit T
 	$(PY) run.py +experiment=alphaedit_table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
 	$(PY) run.py +experiment=lifelong_zsre +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=1,4,16' $(ARGS)
 	$(PY) run.py +experiment=sss_table3 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
-	$(PY) run.py +experiment=unlearn_tofu +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 '+recipe=$(UNLEARN_TINY)' $(ARGS)
+	$(PY) run.py +experiment=unlearn_tofu +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 unlearn.toy_refusals=16 '+recipe=$(UNLEARN_TINY)' $(ARGS)
 	$(PY) run.py +experiment=unlearn_rwku +size=tiny model=toy threads=2 progress=false model.train.progress=false '+recipe=$(UNLEARN_TINY)' $(ARGS)
-	$(PY) run.py +experiment=ties_unlearn +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 $(ARGS)
+	$(PY) run.py +experiment=ties_unlearn +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 unlearn.toy_refusals=16 $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)
