@@ -490,12 +490,13 @@ def run_unlearn(cfg: DictConfig) -> dict[str, Any]:
         ref_records = None
         if reference is not None:
             ref_records = _reference_records(reference, data, scorer, cache_dir, ucfg)
-        summary = _summarize(
+        printed, summary = _summarize(
             cfg, data, loaded, reference, results, ref_records, ucfg, target_sources, requests, timings
         )
         summary["protocol"]["method"] = _method(method_label(cfg), editor, ucfg)
         summary["protocol"]["git_sha"] = git_sha()
         results.write_json("summary.json", summary)
+        print(printed)  # after the summary is on disk: a closed stdout loses nothing
         tracker.summary({f"post/{k}": v["mean"] for k, v in summary["metrics"]["post"].items()})
         failed = False
         return summary
@@ -532,8 +533,8 @@ def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_
     rows = [("pre-unlearning", pre), ("post-unlearning", post)] if pre else [("post-unlearning", post)]
     columns = [c for c in HEADLINE if any(c in row for _, row in rows)]
     table = format_table(rows, columns, digits=3)
-    print(f"\n{table}\n\nresults: {results.path}\nsummary: {Path(cfg.paths.output_dir) / 'summary.json'}")
-    return {
+    printed = f"\n{table}\n\nresults: {results.path}\nsummary: {Path(cfg.paths.output_dir) / 'summary.json'}"
+    return printed, {
         **{k: post[k] for k in HEADLINE if k in post},
         "n_items": len(records),
         # the shape of task=edit's summaries, so runner.table and the sweep summary read both
