@@ -197,7 +197,12 @@ def test_ties_unlearn_preset_rows_share_their_members():
     for recipe in recipes:
         cfg = compose_config("+experiment=ties_unlearn", f"+recipe={recipe}", "model=toy", *paths)
         assert cfg.editor._target_.endswith("TiesNpo")
-        rows[recipe] = (cfg.editor.member, cfg.editor.merge.space, cfg.editor.merge.method, cfg.editor.merge.density)
+        rows[recipe] = (
+            cfg.editor.member,
+            cfg.editor.merge.space,
+            cfg.editor.merge.method,
+            cfg.editor.merge.density,
+        )
         members = (cfg.editor.over, cfg.editor.under)
         assert [(m.ga_ratio, m.gd_ratio, m.gk_ratio) for m in members] == [(0.4, 0.4, 0.2), (0.3, 0.3, 0.4)]
     assert rows == {
