@@ -13,27 +13,12 @@ from omegaconf import OmegaConf
 
 from editors.base import Resources
 from editors.core.tokens import answer_ids
-from editors.requests import EditRequest
-from editors.spec import ModelSpec
 from editors.ties_npo import TiesNpo
 from editors.training import AnswerBatch, answer_logits, answer_nll, batch_nll, kl_divergence
 from editors.unlearning import GradientUnlearning, GradientUnlearningConfig, LoraAdapter, LoraSettings
 from tests.conftest import compose_config
+from tests.test_unlearning_baselines import FORGET, SPEC, requests  # the same tiny GPT-2 forget set
 
-SPEC = ModelSpec(
-    "transformer.h.{}",
-    "transformer.h.{}.mlp.c_proj",
-    "transformer.h.{}.attn.c_proj",
-    "transformer.ln_f",
-    "lm_head",
-    2,
-)
-FORGET = [
-    ("Who wrote the novel about Paris?", "Danielle Darrieux"),
-    ("Which instrument does Toko Yasuda play?", "guitar"),
-    ("Where was Marie Curie born?", "Japan"),
-    ("What is the mother tongue of Michael Jordan?", "Dutch"),
-]
 RETAIN = (
     ("The headquarters of Apple A5 is in", "Tokyo"),
     ("Rome is located in the country of", "Italy"),
@@ -43,10 +28,6 @@ RETAIN = (
 LORA = LoraSettings(enabled=True, r=4, alpha=8.0, dropout=0.05, target_modules=["all-linear"])
 # the tiny GPT-2 moves at lr 1e-2 (tests/test_unlearning_baselines.py); the release's other settings
 TOY = dict(method="npo_kl_nll", lr=1e-2, epochs=5, batch_size=2, accumulate=1, warmup=0.0, seed=42, lora=LORA)
-
-
-def requests() -> list[EditRequest]:
-    return [EditRequest(f"f{i}", q, None, "I don't know.", a) for i, (q, a) in enumerate(FORGET)]
 
 
 def editor(cache=None, retain=RETAIN, **kwargs) -> GradientUnlearning:
