@@ -43,6 +43,17 @@ def at_least_one(key: str, value: int | None, optional: bool = False) -> None:
         fail(key, "an integer ≥ 1" + (" or null" if optional else ""), value)
 
 
+def training_loop(prefix: str, cfg: Any) -> None:
+    """The shared training knobs of a config on the training loop (``<prefix>.epochs``, ``lr``,
+    ``batch_size``, ``accumulate``, ``weight_decay``, ``warmup``)."""
+    at_least_one(f"{prefix}.epochs", cfg.epochs)
+    positive(f"{prefix}.lr", cfg.lr)
+    at_least_one(f"{prefix}.batch_size", cfg.batch_size)
+    at_least_one(f"{prefix}.accumulate", cfg.accumulate)
+    non_negative(f"{prefix}.weight_decay", cfg.weight_decay)
+    non_negative(f"{prefix}.warmup", cfg.warmup)
+
+
 def fraction(key: str, value: float, low_open: bool = True) -> None:
     """``value`` in (0, 1] (``low_open``) or [0, 1]."""
     ok = value is not None and (0 < value <= 1 if low_open else 0 <= value <= 1)

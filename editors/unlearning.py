@@ -148,12 +148,7 @@ class GradientUnlearningConfig:
 
     def __post_init__(self) -> None:
         checks.one_of("editor.method", self.method, METHODS)
-        checks.at_least_one("editor.epochs", self.epochs)
-        checks.positive("editor.lr", self.lr)
-        checks.at_least_one("editor.batch_size", self.batch_size)
-        checks.at_least_one("editor.accumulate", self.accumulate)
-        checks.non_negative("editor.weight_decay", self.weight_decay)
-        checks.non_negative("editor.warmup", self.warmup)
+        checks.training_loop("editor", self)
         checks.one_of("editor.schedule", self.schedule, SCHEDULES)
         checks.one_of("editor.optimizer", self.optimizer, OPTIMIZERS)
         checks.positive("editor.grad_clip", self.grad_clip, optional=True)

@@ -92,12 +92,7 @@ class FinetuneConfig:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         checks.one_of("finetune.which", self.which, WHICH)
-        checks.at_least_one("finetune.epochs", self.epochs)
-        checks.positive("finetune.lr", self.lr)
-        checks.at_least_one("finetune.batch_size", self.batch_size)
-        checks.at_least_one("finetune.accumulate", self.accumulate)
-        checks.non_negative("finetune.weight_decay", self.weight_decay)
-        checks.non_negative("finetune.warmup", self.warmup)
+        checks.training_loop("finetune", self)
         checks.one_of("finetune.optimizer", self.optimizer, OPTIMIZERS)
         checks.positive("finetune.grad_clip", self.grad_clip, optional=True)
         checks.at_least_one("finetune.max_steps", self.max_steps, optional=True)
