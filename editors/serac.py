@@ -48,9 +48,20 @@ the model itself; for the toy it is the only model that knows its vocabulary and
 
 **Generation** (``model.generate``) is routed per prompt: rows in scope generate from the
 counterfactual model with the edit in context, the rest from the base model; the returned ids are
-prompt + continuation as usual. **Save/load** of an edited model (``save_model=true``) is not
-supported: the memory and the trained networks are not adapters of a base-model module; it fails in
-one line.
+prompt + continuation as usual.
+
+**Save/load** (``save_model=true``, ``runner.export.save_edited`` / ``load_edited``): the router is a
+model-level router of ``runner.export``. The folder holds the base model's own checkpoint (the
+router's overrides are lifted while ``save_pretrained`` runs) and, in ``routers/r<i>/``, the router:
+``classifier/`` and ``counterfactual/`` (``save_pretrained`` folders, as the artifact's),
+``router.json`` (the :class:`SeracConfig` and the memory: each edit's case id, scope text, context
+and target) and ``keys.safetensors`` (the memory's classifier embeddings, so routing is bit-exact).
+Loading rebuilds the router on the base model with the saved tokenizer and installs it: the same
+logits and the same routes as the edited model. ``model.save_pretrained`` on a model with the router
+installed is refused in one line (it would drop the edits). Routing is per whole row, so the
+scorer's packed rows (a 4-D attention mask; several sequences share a prompt) are refused in one
+line: a reloaded model is scored with ``pack=False``, as the runner scores its own SERAC edits (a
+run on a saved folder, ``model.hub_id=<it>``, stops there while the runner scores loaded models packed).
 """
 
 from __future__ import annotations
@@ -61,13 +72,15 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from editors.base import Artifact, EditorBase, recipe_json
@@ -83,6 +96,9 @@ DISTANCES = ("squared_euclidean", "euclidean", "cosine")
 POOLINGS = ("mean", "cls")
 _EPS = torch.finfo(torch.float32).eps
 _ROUTER = "_serac_router"  # instance attribute of a model a SERAC edit is attached to
+_OVERRIDES = ("generate", "get_output_embeddings", "save_pretrained")  # model methods the router replaces
+ROUTER_JSON = "router.json"  # a saved router: its config and memory
+KEYS_TENSORS = "keys.safetensors"  # a saved router: the memory's classifier embeddings
 
 
 @dataclass
@@ -377,14 +393,60 @@ class SeracRouter:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for key in (_ROUTER, "generate", "get_output_embeddings", "save_pretrained"):
+        for key in (_ROUTER, *_OVERRIDES):
             self.model.__dict__.pop(key, None)
 
     def _refuse_save(self, *args, **kwargs):
         raise RuntimeError(
-            "SERAC: save_model=true is not supported (its edit memory, classifier and counterfactual "
-            "model are not an adapter of a base-model module); run without save_model"
+            "SERAC: model.save_pretrained would save the base model without its edits; "
+            "use runner.export.save_edited (save_model=true)"
         )
+
+    # -- storage (the model-level router protocol of runner.export)
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """The base model's own methods while the block runs (``save_pretrained`` of the base
+        checkpoint); the forward hook stays (saving runs no forward pass), the overrides come back."""
+        d = self.model.__dict__
+        lifted = {key: d.pop(key) for key in _OVERRIDES if key in d}
+        try:
+            yield
+        finally:
+            d.update(lifted)
+
+    def save_router(self, folder: Path) -> None:
+        """Write the classifier, the counterfactual model, the config and the memory to ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_serac(folder, self.classifier, self.counterfactual, self.cfg)
+        state = {"config": asdict(self.cfg), "memory": [asdict(e) for e in self.memory]}
+        (folder / ROUTER_JSON).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        if self.keys is not None:
+            save_file({"keys": self.keys.detach().cpu().contiguous()}, str(folder / KEYS_TENSORS))
+
+    @classmethod
+    def rebuild_router(cls, model: nn.Module, tokenizer, folder: Path) -> SeracRouter:
+        """The router saved in ``folder`` by :meth:`save_router`, installed on ``model``."""
+        folder = Path(folder)
+        if model.__dict__.get(_ROUTER) is not None:
+            raise ValueError(f"{folder}: the model already has a SERAC router installed")
+        if tokenizer is None:
+            raise ValueError(f"{folder}: a SERAC router needs the base model's tokenizer to load")
+        state = json.loads((folder / ROUTER_JSON).read_text(encoding="utf-8"))
+        cfg = SeracConfig(**state["config"])
+        classifier, cf = load_serac(folder, model, tokenizer, cfg)
+        memory = tuple(MemoryEntry(**e) for e in state["memory"])
+        keys = None
+        if memory:
+            keys = load_file(str(folder / KEYS_TENSORS))["keys"].to(classifier.device())
+            if keys.shape[0] != len(memory):
+                raise ValueError(
+                    f"{folder}: {keys.shape[0]} classifier keys for {len(memory)} memorised edits"
+                )
+        router = cls(model, tokenizer, classifier, cf, cfg)
+        router.set_memory(memory, keys)
+        router.install()
+        return router
 
     # -- routing
     @torch.no_grad()
@@ -415,6 +477,8 @@ class SeracRouter:
                 "SERAC routes whole sequences: incremental decoding goes through model.generate"
             )
         mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:  # the scorer's packed rows (several sequences a row)
+            raise RuntimeError("SERAC routes whole rows: score this model unpacked (pack=False)")
         if mask is None or mask.dim() != 2:
             mask = torch.ones_like(ids)
         logits = output.logits
@@ -536,10 +600,7 @@ class SeracHandle:
         after = _fingerprint(self.model)
         if after != self._before["fingerprint"]:
             raise RuntimeError("restore of a SERAC edit did not give back the same module tree and hooks")
-        if self.installed and any(
-            k in self.model.__dict__
-            for k in (_ROUTER, "generate", "get_output_embeddings", "save_pretrained")
-        ):
+        if self.installed and any(k in self.model.__dict__ for k in (_ROUTER, *_OVERRIDES)):
             raise RuntimeError("restore of a SERAC edit left attributes on the model")
         current = dict(self.model.named_parameters())
         for name, (param, version) in self._before["params"].items():
@@ -618,11 +679,6 @@ def _balanced_bce(log_sims: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class Serac(EditorBase):
-    CANNOT_SAVE = (
-        "SERAC's edits (an edit memory, a scope classifier and a counterfactual model) are not "
-        "saved with the model; run without save_model"
-    )
-
     def __init__(self, config: SeracConfig, spec: Any) -> None:
         super().__init__(config, spec)
         self.classifier: ScopeClassifier | None = None

@@ -351,7 +351,7 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
     if Path(cfg.hub_id).expanduser().is_dir():  # an edited model written by save_model=true
         from runner.export import attach_saved_adapters
 
-        attach_saved_adapters(model, cfg.hub_id)
+        attach_saved_adapters(model, cfg.hub_id, tokenizer)
     revision = getattr(model.config, "_commit_hash", None) or cfg.revision or "unknown"
     return LoadedModel(
         model=model,
