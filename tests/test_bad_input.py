@@ -152,12 +152,6 @@ def test_bad_dataset_setting_is_one_line_at_the_start(tmp_path, override, messag
     assert not (tmp_path / "cache").exists()  # nothing loaded
 
 
-def test_saving_an_editor_that_cannot_save_is_refused_before_anything_loads(tmp_path):
-    with pytest.raises(ConfigError, match="save_model=true: SERAC's edits") as info:
-        run(_cfg(tmp_path, "editor=serac", "edit_mode=sequential", "save_model=true"))
-    assert "\n" not in str(info.value) and not (tmp_path / "cache").exists()
-
-
 def test_cli_negative_dataset_size(tmp_path):
     assert _cli(tmp_path, "dataset.size=-3") == (
         "error: dataset.size must be a positive integer or null (all cases), got -3"

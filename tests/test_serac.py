@@ -192,19 +192,6 @@ def test_generation_is_routed_per_prompt(trained, cases):
     assert torch.equal(out[1], base[0])  # out of scope: the base model's generation
 
 
-def test_save_model_is_refused_in_one_line(trained, cases, tmp_path):
-    editor, net, tok, _ = trained
-    handle = editor.apply(net, tok, [cases[0].request]).attach(net)
-    try:
-        from runner.export import save_edited
-
-        with pytest.raises(RuntimeError, match="save_model=true is not supported"):
-            save_edited(net, None, tmp_path / "edited")
-    finally:
-        handle.restore()
-        editor.reset()
-
-
 def test_sss_with_c_1_still_trains_the_counterfactual_model(cases):
     tok = tokenizer("gpt2")
     net = model("gpt2", tok)
