@@ -49,8 +49,9 @@ learned η take the sign; the model stays in eval mode while training (no dropou
 running statistics are merged per batch (Chan et al.'s parallel update, equal to the reference's
 per-token Welford loop up to rounding); the loss at edit time sums per-request means (the reference
 pools the tokens of the batch, which shrinks each δ with the batch size). Training-progress logging:
-editors have no tracker (runner.tracking is the runner's); the validation curve is in the artifact's
-report (artifact.json).
+editors have no tracker; the validation curve is the report's ``validation`` ([step, loss] pairs,
+step 0 the initial loss, in artifact.json), which the runner logs to the run's tracker
+(runner.artifacts.log_artifact_reports).
 """
 
 from __future__ import annotations
@@ -724,7 +725,7 @@ class Mend(EditorBase):
             "val_cases": len(val),
             "skipped_cases": skipped,
             "edit_lrs": [float(x) for x in net.edit_lrs.detach()],
-            "logging": "the validation curve is kept in this report (editors have no tracker)",
+            "logging": "validation: [step, loss]; the runner logs it to the run's tracker",
         }
 
     # -- editing --------------------------------------------------------------------------------

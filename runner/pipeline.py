@@ -33,7 +33,7 @@ from evaluation.aggregate import add_prefix, aggregate_by_prefix
 from evaluation.cases import EditCase
 from evaluation.metrics import METRICS, score_cases
 from evaluation.tables import format_table
-from runner.artifacts import ArtifactMissing, ArtifactStore
+from runner.artifacts import ArtifactMissing, ArtifactStore, log_artifact_reports
 from runner.corpus import corpus_texts
 from runner.datasets import DatasetError, LoadedDataset, load_from_config
 from runner.environment import run_environment
@@ -126,6 +126,20 @@ def prepare_artifacts(
 
         folders[need.name] = store.get(need, data.sha256 if data is not None else None, train)
     return folders
+
+
+def _track_artifacts(
+    cfg: DictConfig, resolved: dict, output_dir: Path, artifacts: dict[str, Path], store: ArtifactStore
+) -> None:
+    """task=prepare's tracker run: the artifacts' validation curves (runner.artifacts), nothing else."""
+    name = f"{cfg.editor._target_.rsplit('.', 1)[-1]}-{cfg.model.name}-prepare"
+    tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
+    failed = True
+    try:
+        log_artifact_reports(tracker, artifacts, store.trained)
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
 
 
 def _prepare_command(cfg: DictConfig) -> str:
@@ -306,6 +320,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except ArtifactMissing as exc:
             raise ConfigError(str(exc)) from None
     if cfg.task == "prepare":
+        _track_artifacts(cfg, resolved, output_dir, artifacts, store)
         return {"statistics": files, "artifacts": {name: str(path) for name, path in artifacts.items()}}
     editor.prepare(
         loaded.model,
@@ -317,6 +332,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
     failed = True
     try:
+        log_artifact_reports(tracker, artifacts, store.trained)
         summary = _edit_and_evaluate(cfg, resolved, dataset, loaded, editor, cache, tracker, output_dir)
         failed = False
         return summary

@@ -1,4 +1,12 @@
-"""Experiment tracking: wandb (offline by default) or nothing. ``finish`` is always called."""
+"""Experiment tracking: wandb (offline by default) or nothing. ``finish`` is always called.
+
+A run logs several series, each against its own x-axis: the edit batches against ``step`` (the
+batch index) and each artifact's validation curve against ``artifact/<name>/step`` (its training
+step; :func:`runner.artifacts.log_artifact_reports`). wandb's own step must only grow within a run,
+so two series whose steps restart at 0 cannot share it: :class:`WandbTracker` never sets it (wandb
+counts the rows) and logs the caller's step as the metric ``axis`` instead, declared with
+``define_metric`` as the x-axis of the keys logged with it.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class NullTracker:
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        pass
+    def log(self, metrics: dict[str, Any], step: int | None = None, axis: str = "step") -> None:
+        """Log ``metrics`` at ``step`` of the x-axis ``axis`` (a series' own step counter)."""
 
     def summary(self, metrics: dict[str, Any]) -> None:
         pass
@@ -36,9 +44,19 @@ class WandbTracker(NullTracker):
             config=config,
             reinit="create_new",
         )
+        self.axes: dict[str, str] = {}  # metric -> the x-axis it is declared against
 
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.run.log(metrics, step=step)
+    def log(self, metrics: dict[str, Any], step: int | None = None, axis: str = "step") -> None:
+        if step is None:
+            self.run.log(metrics)
+            return
+        for key in metrics:
+            if key not in self.axes:
+                self.run.define_metric(key, step_metric=axis)
+                self.axes[key] = axis
+            elif self.axes[key] != axis:
+                raise ValueError(f"metric {key!r} is logged against {self.axes[key]!r}, not {axis!r}")
+        self.run.log({**metrics, axis: step})
 
     def summary(self, metrics: dict[str, Any]) -> None:
         for key, value in metrics.items():

@@ -44,7 +44,7 @@ from evaluation.unlearning import (
     score_items,
     summarize_unlearning,
 )
-from runner.artifacts import ArtifactMissing, ArtifactStore
+from runner.artifacts import ArtifactMissing, ArtifactStore, log_artifact_reports
 from runner.environment import run_environment
 from runner.models import LoadedModel, ToyFact, load_model, load_toy_on_facts
 from runner.oom import explain_oom
@@ -448,6 +448,7 @@ def run_unlearn(cfg: DictConfig) -> dict[str, Any]:
     tracker = make_tracker(cfg.logger, resolved, output_dir, name, sweep_group())
     failed = True
     try:
+        log_artifact_reports(tracker, artifacts, store.trained)
         if n_todo:
             if done:
                 log.info(
