@@ -2,7 +2,7 @@
 PY ?= python
 ARGS ?=
 
-.PHONY: help install lock readme-numbers test test-slow presets-tiny table bench lint format demo cfg stats clean
+.PHONY: help install lock readme-numbers test test-slow presets-tiny presets-tiny-editing presets-tiny-probes table bench lint format demo cfg stats clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -27,16 +27,28 @@ test-slow:  ## the slow tests (longer end-to-end runs)
 # the tiny TOFU toys decline 16 unseen questions (unlearn.toy_refusals), in proportion to their 16 items per split
 UNLEARN_TINY ?= memit_fixed,memit_merged,alphaedit_self_improve,wise_fixed,npo
 
-presets-tiny:  ## the experiment presets (Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Table 3, unlearning on TOFU and RWKU, TIES-merged unlearning) on the toy model at tiny size (CI runs it)
-	$(PY) run.py +experiment=table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
-	$(PY) run.py +experiment=table2 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
-	$(PY) run.py +experiment=scaling +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=4,16' $(ARGS)
-	$(PY) run.py +experiment=alphaedit_table1 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
-	$(PY) run.py +experiment=lifelong_zsre +size=tiny model=toy threads=2 progress=false model.train.progress=false 'dataset.size=1,4,16' $(ARGS)
-	$(PY) run.py +experiment=sss_table3 +size=tiny model=toy threads=2 progress=false model.train.progress=false $(ARGS)
-	$(PY) run.py +experiment=unlearn_tofu +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 unlearn.toy_refusals=16 '+recipe=$(UNLEARN_TINY)' $(ARGS)
-	$(PY) run.py +experiment=unlearn_rwku +size=tiny model=toy threads=2 progress=false model.train.progress=false '+recipe=$(UNLEARN_TINY)' $(ARGS)
-	$(PY) run.py +experiment=ties_unlearn +size=tiny model=toy threads=2 progress=false model.train.progress=false dataset.forget_split=forget01 unlearn.toy_refusals=16 $(ARGS)
+# Two lanes that share no cached toy, statistics or artifact (each trains the toys of its own
+# datasets), so `make -j2 presets-tiny` runs them side by side on one thread each (CI does).
+TINY = +size=tiny model=toy threads=1 progress=false model.train.progress=false
+
+presets-tiny: presets-tiny-editing presets-tiny-probes  ## every experiment preset and the SSS C sweep on the toy model at tiny size (CI runs it with -j2)
+
+presets-tiny-editing:  ## Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong zsRE, SSS Tables 1-2 (CounterFact and zsRE toys)
+	$(PY) run.py +experiment=table1 $(TINY) $(ARGS)
+	$(PY) run.py +experiment=table2 $(TINY) $(ARGS)
+	$(PY) run.py +experiment=scaling $(TINY) 'dataset.size=4,16' $(ARGS)
+	$(PY) run.py +experiment=alphaedit_table1 $(TINY) $(ARGS)
+	$(PY) run.py +experiment=lifelong_zsre $(TINY) 'dataset.size=1,4,16' $(ARGS)
+	$(PY) run.py +experiment=sss_table1 $(TINY) $(ARGS)
+	$(PY) run.py +experiment=sss_table2 $(TINY) 'dataset.size=1,4,16' $(ARGS)
+
+presets-tiny-probes:  ## SSS Tables 3 and 5 and the C sweep (probe-set toys), unlearning on TOFU and RWKU, TIES-merged unlearning
+	$(PY) run.py +experiment=sss_table3 $(TINY) $(ARGS)
+	$(PY) run.py +experiment=sss_table5 $(TINY) $(ARGS)
+	$(PY) run.py sweep=sss_c $(TINY) $(ARGS)
+	$(PY) run.py +experiment=unlearn_tofu $(TINY) dataset.forget_split=forget01 unlearn.toy_refusals=16 '+recipe=$(UNLEARN_TINY)' $(ARGS)
+	$(PY) run.py +experiment=unlearn_rwku $(TINY) '+recipe=$(UNLEARN_TINY)' $(ARGS)
+	$(PY) run.py +experiment=ties_unlearn $(TINY) dataset.forget_split=forget01 unlearn.toy_refusals=16 $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)

@@ -164,9 +164,6 @@ class EditorBase:
     #: (config key, what it controls) of the settings that lower this editor's peak memory
     #: while editing; the runner names them when an edit runs out of memory.
     MEMORY_KNOBS: tuple[tuple[str, str], ...] = ()
-    #: None when ``save_model=true`` works for this editor's edits; else why not (the runner
-    #: refuses the run in one line, before any model or artifact is loaded).
-    CANNOT_SAVE: str | None = None
     #: True for a method that trains on a whole set and reads its answers, not the requests'
     #: targets (the unlearning baselines): ``task=unlearn`` then hands ``apply`` every forget
     #: request in one call, whatever ``batch_size``, and names its row without a target.

@@ -262,6 +262,9 @@ class LoadedModel:
     trained: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     training_texts: tuple[str, ...] = ()  # the toy's training sentences (stats.corpus=training); () otherwise
+    changes_forward: bool = (
+        False  # a saved edited model came back with adapters or routers: score it unpacked
+    )
 
 
 def load_model(
@@ -348,10 +351,11 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if not cfg.device_map:
         model.to(resolve_device(cfg.device))
+    attached = []
     if Path(cfg.hub_id).expanduser().is_dir():  # an edited model written by save_model=true
         from runner.export import attach_saved_adapters
 
-        attach_saved_adapters(model, cfg.hub_id, tokenizer)
+        attached = attach_saved_adapters(model, cfg.hub_id, tokenizer)
     revision = getattr(model.config, "_commit_hash", None) or cfg.revision or "unknown"
     return LoadedModel(
         model=model,
@@ -360,6 +364,7 @@ def _load_hub(cfg: ModelConfig) -> LoadedModel:
         model_id=cfg.hub_id,
         revision=str(revision),
         device=_device_of(model),
+        changes_forward=bool(attached),
     )
 
 

@@ -212,10 +212,6 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "save_model=true needs edit_mode=sequential (batch mode restores the model after every batch)"
         )
-    if cfg.get("save_model"):
-        cannot = getattr(get_class(cfg.editor._target_), "CANNOT_SAVE", None)
-        if cannot:
-            raise ConfigError(f"save_model=true: {cannot}")
     if cfg.task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
 
@@ -415,7 +411,8 @@ def _edit_and_evaluate(
                 batch,
                 batch_size=cfg.eval.batch_size,
                 progress=cfg.progress and len(batch) > 100,
-                pack=pack,
+                pack=pack
+                and not loaded.changes_forward,  # a loaded GRACE/WISE/SERAC folder routes whole rows
             )
         if generation is not None and generate:
             t0 = time.perf_counter()

@@ -40,3 +40,15 @@ def test_hooks_module_is_a_leaf_and_no_device_is_hard_coded():
                 f"{path.relative_to(ROOT)} hard-codes a device"
             )
             assert not re.search(r"^\s*global\s", text, re.M), f"{path.relative_to(ROOT)} uses a global"
+
+
+def test_ci_runs_every_experiment_preset_and_checks_its_table():
+    """A preset added to conf/experiment/ is run at tiny size by `make presets-tiny` and its table
+    is checked by .ci/run (else CI would never notice it broke)."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    checked = re.search(r"for preset in ([^;]+);", ci).group(1).split()
+    for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
+        assert f"+experiment={path.stem} $(TINY)" in makefile, f"make presets-tiny does not run {path.stem}"
+        assert path.stem in checked, f".ci/run does not check the table of {path.stem}"
+    assert "sweep=sss_c $(TINY)" in makefile and "curve_editor.sss_coefficient.png" in ci

@@ -185,3 +185,24 @@ def test_a_sequential_serac_run_saves_a_model_that_scores_as_the_run_did(tmp_pat
     for record, score in zip(records, scores):
         for key in ("efficacy_magnitude", "generality_magnitude", "locality_magnitude"):
             assert record[f"post_{key}"] == pytest.approx(score[key], rel=1e-6, abs=1e-12), key
+    # ... and a run on the saved folder (model.hub_id) scores it unpacked, as the edited run did
+    again = tmp_path / "again"
+    cfg = compose_config(
+        "model=tiny-gpt2",
+        "model.source=hub",
+        f"model.hub_id={folder}",
+        "model.device=cpu",
+        "editor=unedited",
+        "threads=1",
+        "progress=false",
+        "logger=none",
+        "dataset.size=4",
+        "eval.generation.enabled=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.output_dir={again}",
+    )
+    run(cfg)
+    reloaded = [json.loads(line) for line in (again / "results.jsonl").read_text().splitlines()]
+    for record, other in zip(records, reloaded):
+        for key in ("efficacy_magnitude", "generality_magnitude", "locality_magnitude"):
+            assert other[f"pre_{key}"] == pytest.approx(record[f"post_{key}"], rel=1e-6, abs=1e-12), key
