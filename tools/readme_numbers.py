@@ -110,6 +110,23 @@ def render_paper_table(runs: list[tuple[Job, Path]]) -> str:
     return "\n".join(line for line in text.splitlines() if line.startswith("|"))
 
 
+def render_paper_table_and_curve(curve: str, figure: str):
+    """The sweep's paper-format rows, then its curve PNG, copied to ``figure`` (a path in the repo,
+    so the README can show it) and linked below the table."""
+
+    def render(runs: list[tuple[Job, Path]]) -> str:
+        (_, folder), *_ = runs
+        found = sorted(folder.glob(curve))
+        if not found:
+            raise SystemExit(f"no {curve} in {folder}")
+        target = ROOT / figure
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(found[0].read_bytes())
+        return f"{render_paper_table(runs)}\n\n![{found[0].name}]({figure})"
+
+    return render
+
+
 def render_bench(runs: list[tuple[Job, Path]]) -> str:
     (_, folder), *_ = runs
     result = json.loads((folder / "bench.json").read_text(encoding="utf-8"))
@@ -229,6 +246,22 @@ BLOCKS: dict[str, Block] = {
                 )
             ],
             render_paper_table,
+        ),
+        Block(
+            "sss_table3_toy",
+            [
+                Job(
+                    "sss_table3 on the toy",
+                    ["+experiment=sss_table3", "model=toy", "dataset.size=100", "eval=fast"],
+                    multirun=True,
+                )
+            ],
+            render_paper_table,
+        ),
+        Block(
+            "sss_c_toy",
+            [Job("the C sweep on the toy", ["sweep=sss_c", "dataset.size=100", "eval=fast"], multirun=True)],
+            render_paper_table_and_curve("curve_editor.sss_coefficient.png", "docs/figures/sss_c_toy.png"),
         ),
         Block(
             "lifelong",
