@@ -10,9 +10,12 @@ tracking and reporting with ``task=edit``; it never names a method):
 2. the reference model of forget quality and privleak (``unlearn.reference=retain``): the toy
    trained on ``train["retain"]`` only, or ``unlearn.reference_hub_id``; its forget-split truth
    ratios and MIA scores are computed once and cached by content;
-3. turn the forget items into edit requests (:mod:`runner.unlearning_recipes`: prompt, refusal
-   target, query merging) and give the editor the retain split's (prompt, answer) pairs
-   (``Resources.retain``, for the training baselines);
+3. with ``unlearn.forget_items=N``, keep the first N forget items (and as many holdout items:
+   :func:`runner.unlearning_data.first_forget_items`; the models above learnt every item either
+   way), so that the requests, the baselines' forget data, the forget split's scores and the
+   reference's truth ratios all cover the same N items; turn the forget items into edit requests
+   (:mod:`runner.unlearning_recipes`: prompt, refusal target, query merging) and give the editor
+   the retain split's (prompt, answer) pairs (``Resources.retain``, for the training baselines);
 4. score every split on the unedited model (``pre_``), apply the requests in batches of
    ``batch_size`` that accumulate (unlearning is one model that forgot them all), score every split
    again (``post_``), restore the model bit-exactly;
@@ -52,7 +55,7 @@ from runner.results import ResultsStore, check_resume
 from runner.tokenizers import content_hash
 from runner.tracking import make_tracker
 from runner.unlearning_data import NAMES as UNLEARNING_NAMES
-from runner.unlearning_data import UnlearningSet, load_unlearning
+from runner.unlearning_data import UnlearningSet, first_forget_items, load_unlearning
 from runner.unlearning_recipes import (
     UnlearnConfig,
     format_question,
@@ -84,8 +87,28 @@ HEADLINE = (
 
 
 def _unlearn_cfg(cfg: DictConfig) -> UnlearnConfig:
-    obj = OmegaConf.to_object(cfg.unlearn)
-    return obj if isinstance(obj, UnlearnConfig) else UnlearnConfig(**obj)
+    """The typed ``unlearn`` block; a value out of range is a one-line :class:`ConfigError`."""
+    from runner.pipeline import ConfigError
+
+    try:
+        obj = OmegaConf.to_object(cfg.unlearn)
+        return obj if isinstance(obj, UnlearnConfig) else UnlearnConfig(**obj)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_forget_items(data: UnlearningSet, ucfg: UnlearnConfig, size: int | None) -> None:
+    """``unlearn.forget_items`` is at most the forget split's length (one line otherwise, before
+    any model loads). ``dataset.size`` caps every split first, so N counts from the capped split."""
+    from runner.pipeline import ConfigError
+
+    n, have = ucfg.forget_items, len(data.splits[data.roles.forget])
+    if n is not None and n > have:
+        cap = f" (dataset.size={size} caps it)" if size is not None else ""
+        raise ConfigError(
+            f"unlearn.forget_items={n} is more than the {have} items of {data.name}'s forget split{cap}; "
+            f"lower it, or null for all"
+        )
 
 
 class Prompter:
@@ -374,9 +397,12 @@ def run_unlearn(cfg: DictConfig) -> dict[str, Any]:
     cache_dir = Path(cfg.paths.cache_dir)
     spec = OmegaConf.to_container(cfg.dataset, resolve=True)
     data = load_unlearning({**spec, "cache_dir": spec.get("cache_dir") or str(cache_dir / "datasets")})
-    log.info("dataset %s: %s", data.name, ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()))
+    check_forget_items(data, ucfg, cfg.dataset.get("size"))
     with explain_oom("load", cfg):
         loaded, reference, prompter = _load_models(cfg, data, cache_dir, ucfg)
+    # after the models: the toys learn the same knowledge whatever the number of items forgotten
+    data = first_forget_items(data, ucfg.forget_items)
+    log.info("dataset %s: %s", data.name, ", ".join(f"{s} {len(v)}" for s, v in data.splits.items()))
     model, tok = loaded.model, loaded.tokenizer
     scorer = Scorer(data, prompter, ucfg, cfg.progress)
 
@@ -524,6 +550,8 @@ def _entries(values: dict[str, float]) -> dict[str, dict]:
 def _summarize(cfg, data, loaded, reference, results, ref_records, ucfg, target_sources, requests, timings):
     wanted = {i.item_id for items in data.splits.values() for i in items}
     records = [r for r in results.load() if str(r["case_id"]) in wanted]
+    if ref_records is not None:  # like for like: the reference on the same (forget) items
+        ref_records = [r for r in ref_records if str(r["case_id"]) in wanted]
     kwargs = {
         "reference": ref_records,
         "truth_ratio_mean": ucfg.truth_ratio_mean,

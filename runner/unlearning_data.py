@@ -92,6 +92,7 @@ __all__ = [
     "TOFU_FORGET_SPLITS",
     "UnlearningDatasetConfig",
     "UnlearningSet",
+    "first_forget_items",
     "load_unlearning",
     "tofu_author_names",
     "tofu_subject",
@@ -259,6 +260,38 @@ def load_unlearning(cfg: UnlearningDatasetConfig | Mapping | object) -> Unlearni
     if cfg.name == "semeval25":
         return _load_semeval(cfg, reader)
     return _load_rwku(cfg, reader)
+
+
+def first_forget_items(data: UnlearningSet, n: int | None) -> UnlearningSet:
+    """``data`` with only the first ``n`` items of the forget split (``unlearn.forget_items``;
+    None: ``data`` itself), so that a curve over ``n`` unlearns and scores the same prefix
+    throughout. The splits made of forget items (RWKU's ``forget_level1/2``, whose union is
+    ``forget``) keep the items of that prefix; when the forget split is also the MIA member split
+    (TOFU, SemEval without ``mia_data``) the non-member split (``holdout``, as many items as the
+    forget split by construction) is cut to its first ``n`` too, keeping the pair balanced. Every
+    other split (retain, real_authors, world_facts, RWKU's level-3 probes and MIA texts), ``train``
+    and the refusals are unchanged. Raises ``ValueError`` for an ``n`` the forget split lacks."""
+    if n is None:
+        return data
+    roles = data.roles
+    forget_all = data.splits[roles.forget]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(forget_all):
+        raise ValueError(f"forget_items must be 1..{len(forget_all)} (the forget split's items), got {n!r}")
+    forget = forget_all[:n]
+    kept = {item.item_id for item in forget}
+    every = {item.item_id for item in forget_all}
+    splits: dict[str, tuple[QAItem, ...]] = {}
+    for name, items in data.splits.items():
+        if name == roles.forget:
+            splits[name] = forget
+        elif items and all(item.item_id in every for item in items):
+            splits[name] = tuple(item for item in items if item.item_id in kept)
+        elif roles.mia_member == roles.forget and name == roles.mia_nonmember:
+            splits[name] = items[:n]
+        else:
+            splits[name] = items
+    info = {**data.info, **{f"n_{name}": len(items) for name, items in splits.items()}, "forget_items": n}
+    return replace(data, splits=splits, info=info)
 
 
 def tofu_author_names(records: Sequence[Mapping], block: int = TOFU_QA_PER_AUTHOR) -> list[tuple[str, ...]]:

@@ -87,6 +87,9 @@ class UnlearnConfig:
 
     target: str = "idk"  # fixed | idk | self_improve (module doc)
     fixed_target: str = "I don't know."  # unlearn.target=fixed
+    # unlearn (and evaluate the forget split on) only the first N forget items; null: the whole
+    # forget split (runner.unlearn.forget_subset: the other splits are unchanged)
+    forget_items: int | None = None
     merge_queries: int = 1  # K forget questions per edit request (query merging; 1: off)
     merge_separator: str = " "  # between merged questions
     use_subject: bool = (
@@ -117,6 +120,14 @@ class UnlearnConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unlearn.target must be one of {TARGETS}, got {self.target!r}")
+        if self.forget_items is not None and (
+            isinstance(self.forget_items, bool)
+            or not isinstance(self.forget_items, int)
+            or self.forget_items < 1
+        ):
+            raise ValueError(
+                f"unlearn.forget_items must be a positive number of forget items or null (all), got {self.forget_items!r}"
+            )
         if self.merge_queries < 1:
             raise ValueError(f"unlearn.merge_queries must be ≥ 1, got {self.merge_queries}")
         if "{question}" not in self.question_template:
