@@ -58,6 +58,20 @@ CSV_NAME = "sweep_table.csv"
 MD_NAME = "sweep_table.md"
 #: the metrics drawn on every curve, and the first metric columns of the table
 HEADLINE = ("efficacy", "generality", "locality", "score")
+#: what an unlearning sweep (task=unlearn) plots instead: fractions in [0, 1], not percentages
+UNLEARNING_HEADLINE = ("forget_quality", "model_utility", "forget_rouge_l", "retain_rouge_l", "refusal_rate")
+
+
+def _headline(table: pd.DataFrame) -> tuple[tuple[str, ...], str]:
+    """The metrics a curve shows and their y-axis unit: the editing headline (in %) when the jobs
+    report it, else the unlearning one (fractions)."""
+    for metrics, unit in ((HEADLINE, "% of cases"), (UNLEARNING_HEADLINE, "value")):
+        found = tuple(m for m in metrics if m in table.columns and table[m].notna().any())
+        if found:
+            return found, unit
+    return (), "value"
+
+
 #: timing columns taken from ``summary["timing"]`` (lower is better)
 TIMING = ("edit_seconds",)
 #: how a few well-known keys are named on the curves' x axis
@@ -375,8 +389,17 @@ def _markdown(result: SweepResult, title: str) -> str:
         f"{title}: {len(result.jobs)} job(s), {len(table)} finished"
         + (f", swept: {', '.join(f'`{k}`' for k in result.swept_keys)}" if result.swept_keys else "")
         + ".",
-        "Cells are mean ± standard error over the cases (in %; score is the harmonic mean of efficacy,",
-        "generality and locality); ↑/↓ say which way is better. Every pre_* metric and the stderr",
+        *(
+            [
+                "Cells are mean ± standard error over the cases (in %; score is the harmonic mean of efficacy,",
+                "generality and locality); ↑/↓ say which way is better. Every pre_* metric and the stderr",
+            ]
+            if _headline(table)[1].startswith("%")
+            else [
+                "Cells are fractions (per-item metrics: mean ± standard error over the items; forget quality",
+                "and model utility are one value per job); ↑/↓ say which way is better. Every pre_* metric and the stderr",
+            ]
+        ),
         f"columns are in `{CSV_NAME}`.",
         "",
     ]
@@ -448,7 +471,9 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
     import matplotlib.pyplot as plt
     from matplotlib.transforms import ScaledTranslation
 
-    metrics = [m for m in HEADLINE if m in table.columns and table[m].notna().any()]
+    metrics, unit = _headline(table)
+    if not metrics:
+        raise ValueError("no headline metric (editing or unlearning) in the jobs' summaries")
     data = table[table[key].notna()]
     xs = sorted(set(data[key].astype(float)))
     series = _series(data, key, others)
@@ -486,7 +511,17 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
         ax.grid(True, alpha=0.3)
 
     plt.rcParams.update({"font.size": 10})
-    colors = {"efficacy": "tab:blue", "generality": "tab:orange", "locality": "tab:green", "score": "black"}
+    colors = {
+        "efficacy": "tab:blue",
+        "generality": "tab:orange",
+        "locality": "tab:green",
+        "score": "black",
+        "forget_rouge_l": "tab:red",
+        "retain_rouge_l": "tab:green",
+        "refusal_rate": "tab:purple",
+        "model_utility": "black",
+        "forget_quality": "tab:blue",
+    }
     if len(series) == 1:
         fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
         rows = series[0][1]
@@ -498,11 +533,11 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
                 dodge=3.0 * (i - (len(metrics) - 1) / 2),
                 label=_label(metric),
                 color=colors.get(metric),
-                linestyle="--" if metric == "score" else "-",
+                linestyle="--" if metric in ("score", "model_utility") else "-",
             )
         style_axis(ax)
         ax.set_xlabel(KEY_LABELS.get(key, key))
-        ax.set_ylabel("% of cases (mean ± stderr)")
+        ax.set_ylabel(f"{unit} (mean ± stderr)")
         fig.legend(loc="outside lower center", ncols=len(metrics), frameon=False)
         fig.suptitle(title)
     else:
@@ -522,7 +557,7 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
                 errorbar(ax, rows, metric, dodge=3.0 * (i - (len(series) - 1) / 2), label=label)
             style_axis(ax)
             ax.set_title(_label(metric))
-            ax.set_ylabel("% of cases")
+            ax.set_ylabel(unit)
         for ax in axes.flat[n:]:
             ax.set_visible(False)
         for ax in axes[-1]:

@@ -161,3 +161,9 @@ def test_a_forget_items_sweep_gets_a_table_of_the_unlearning_metrics_and_a_curve
     assert list(result.table["forget_quality"]) == pytest.approx([0.2, 0.4, 0.8])
     header = next(line for line in result.md_path.read_text().splitlines() if line.startswith("| job"))
     assert all(m in header for m in metrics)
+    # the curve plots the unlearning metrics (fractions), and the table does not call them percentages
+    from runner.sweep import _headline
+
+    assert _headline(result.table) == (metrics, "value")
+    text = result.md_path.read_text()
+    assert "Cells are fractions" in text and "in %" not in text
