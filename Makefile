@@ -42,13 +42,14 @@ presets-tiny-editing:  ## Table 1, Table 2, scaling, AlphaEdit Table 1, lifelong
 	$(PY) run.py +experiment=sss_table1 $(TINY) $(ARGS)
 	$(PY) run.py +experiment=sss_table2 $(TINY) 'dataset.size=1,4,16' $(ARGS)
 
-presets-tiny-probes:  ## SSS Tables 3 and 5 and the C sweep (probe-set toys), unlearning on TOFU and RWKU, TIES-merged unlearning
+presets-tiny-probes:  ## SSS Tables 3 and 5 and the C sweep (probe-set toys), unlearning on TOFU and RWKU, TIES-merged unlearning, the forget-items curve
 	$(PY) run.py +experiment=sss_table3 $(TINY) $(ARGS)
 	$(PY) run.py +experiment=sss_table5 $(TINY) $(ARGS)
 	$(PY) run.py sweep=sss_c $(TINY) $(ARGS)
 	$(PY) run.py +experiment=unlearn_tofu $(TINY) dataset.forget_split=forget01 unlearn.toy_refusals=16 '+recipe=$(UNLEARN_TINY)' $(ARGS)
 	$(PY) run.py +experiment=unlearn_rwku $(TINY) '+recipe=$(UNLEARN_TINY)' $(ARGS)
 	$(PY) run.py +experiment=ties_unlearn $(TINY) dataset.forget_split=forget01 unlearn.toy_refusals=16 $(ARGS)
+	$(PY) run.py sweep=forget_items editor=memit unlearn.merge_queries=4 $(TINY) dataset.forget_split=forget01 unlearn.toy_refusals=16 'unlearn.forget_items=4,8,16' $(ARGS)
 
 table:  ## paper-format table of run/sweep folders: make table ARGS="multirun/table1/2026-01-01_12-00-00"
 	$(PY) -m runner.table $(ARGS)

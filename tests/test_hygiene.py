@@ -52,3 +52,4 @@ def test_ci_runs_every_experiment_preset_and_checks_its_table():
         assert f"+experiment={path.stem} $(TINY)" in makefile, f"make presets-tiny does not run {path.stem}"
         assert path.stem in checked, f".ci/run does not check the table of {path.stem}"
     assert "sweep=sss_c $(TINY)" in makefile and "curve_editor.sss_coefficient.png" in ci
+    assert "sweep=forget_items" in makefile and "curve_unlearn.forget_items.png" in ci
