@@ -445,9 +445,15 @@ def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", key)
 
 
+def _name(metric: str) -> str:
+    """``forget_rouge_l`` -> ``Forget ROUGE-L``, ``efficacy`` -> ``Efficacy``."""
+    name = metric.replace("_rouge_l", " ROUGE-L").replace("_", " ")
+    return name[:1].upper() + name[1:]
+
+
 def _label(metric: str) -> str:
     info = METRICS.resolve(metric)
-    return metric.capitalize() + (f" {info.arrow}" if info is not None else "")
+    return _name(metric) + (f" {info.arrow}" if info is not None else "")
 
 
 def _series(table: pd.DataFrame, key: str, others: Sequence[str]) -> list[tuple[str, pd.DataFrame]]:
@@ -538,7 +544,7 @@ def _plot_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str
         style_axis(ax)
         ax.set_xlabel(KEY_LABELS.get(key, key))
         ax.set_ylabel(f"{unit} (mean ± stderr)")
-        fig.legend(loc="outside lower center", ncols=len(metrics), frameon=False)
+        fig.legend(loc="outside lower center", ncols=4 if len(metrics) == 4 else 3, frameon=False)
         fig.suptitle(title)
     else:
         n = len(metrics)
@@ -719,7 +725,8 @@ def aggregate_sweep(
     if curves:
         for key in numeric:
             others = [k for k in swept if k != key]
-            what = ", ".join(_label(m).split()[0] for m in HEADLINE if m in table.columns)
+            shown = _headline(table)[0]
+            what = ", ".join(_name(m) for m in shown) if len(shown) <= 4 else "the headline metrics"
             plot_title = f"{title}\n{what} vs {key}"
             try:
                 result.curves[key] = _plot_curve(
