@@ -17,7 +17,7 @@ lock:  ## rewrite requirements/constraints.txt from this environment (after a te
 	{ sed -n '1,/^# torch==/p' $(CONSTRAINTS); $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
-test:  ## the default test suite (CPU, no network, a few minutes)
+test:  ## the default test suite (CPU, no network, about 12 minutes on 2 cores)
 	$(PY) -m pytest -q
 
 test-slow:  ## the slow tests (longer end-to-end runs)
