@@ -15,6 +15,7 @@ import torch
 
 import editors.serac as serac_mod
 from editors.base import Artifact, Resources
+from editors.core.tokens import right_pad
 from editors.patch import HandleStack
 from editors.serac import (
     _ROUTER,
@@ -71,15 +72,23 @@ def trained(cases, tmp_path_factory):
 
 
 def _batch_logits(net, tok, texts):
+    """Logits of ``texts``, right-padded (as the scorer), and their token rows."""
+    rows = [tok(t)["input_ids"] for t in texts]
+    ids, mask = right_pad(rows, tok.eos_token_id)
+    with torch.no_grad():
+        return net(input_ids=ids, attention_mask=mask, use_cache=False).logits, rows
+
+
+def _left_padded(tok, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``texts``, left-padded as evaluation.generation."""
     rows = [tok(t)["input_ids"] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.eos_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    with torch.no_grad():
-        return net(input_ids=ids, attention_mask=mask, use_cache=False).logits, rows
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 def test_training_lowers_both_validation_losses(trained):
@@ -172,13 +181,8 @@ def test_generation_is_routed_per_prompt(trained, cases):
     editor, net, tok, _ = trained
     case = cases[0]
     prompts = [case.probes["paraphrase"][0].prompt, UNRELATED]
-    enc = [tok(p)["input_ids"] for p in prompts]
-    width = max(len(e) for e in enc)
-    ids = torch.full((2, width), tok.eos_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(enc):  # left padding, as evaluation.generation
-        ids[i, width - len(e) :] = torch.tensor(e)
-        mask[i, width - len(e) :] = 1
+    ids, mask = _left_padded(tok, prompts)
+    width = ids.shape[1]
     kwargs = dict(do_sample=False, max_new_tokens=4, pad_token_id=tok.eos_token_id)
     base = net.generate(input_ids=ids[1:], attention_mask=mask[1:], **kwargs)
     handle = editor.apply(net, tok, [case.request]).attach(net)

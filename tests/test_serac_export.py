@@ -19,6 +19,7 @@ from runner.export import ADAPTERS_JSON, load_edited, save_edited
 from runner.models import load_model
 from tests.conftest import compose_config
 from tests.editing_fixtures import SPECS, model, tokenizer
+from tests.test_serac import _batch_logits, _left_padded
 
 UNRELATED = "In 1907, the weather over the harbour was"
 
@@ -54,27 +55,13 @@ def _texts(cases) -> list[str]:
 
 def _logits(net, tok, texts) -> tuple[torch.Tensor, list[int]]:
     """Right-padded logits of ``texts`` and, when routed, the router's routes."""
-    rows = [tok(t)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.eos_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    with torch.no_grad():
-        logits = net(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits, _ = _batch_logits(net, tok, texts)
     router = net.__dict__.get(_ROUTER)
     return logits, (list(router.last_routes) if router is not None else [])
 
 
 def _generate(net, tok, texts) -> torch.Tensor:
-    rows = [tok(t)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.eos_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):  # left padding, as evaluation.generation
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask = _left_padded(tok, texts)
     kwargs = dict(do_sample=False, max_new_tokens=3, pad_token_id=tok.eos_token_id)
     return net.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
