@@ -16,25 +16,14 @@ from runner.pipeline import ConfigError
 from runner.results import ResumeMismatch
 from runner.unlearning_data import first_forget_items, load_unlearning
 from tests.conftest import compose_config
+from tests.test_unlearn_task import TOY as UNLEARN_TOY
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the TOFU toy of tests/test_unlearn_task.py with 8 items per split, of which N=4 are forgotten
+#: the TOFU toy of tests/test_unlearn_task.py with 8 items per split (and no refusal answers), of
+#: which N=4 are forgotten
 TOY = [
-    "task=unlearn",
-    "dataset=tofu",
-    "dataset.forget_split=forget01",
-    "dataset.retain_authors=2",
+    *(o for o in UNLEARN_TOY if not o.startswith(("dataset.size=", "unlearn.toy_refusals="))),
     "dataset.size=8",
-    "model=toy",
-    "model.train.steps=300",
-    "model.train.eval_every=50",
-    "model.train.stop_at_recall=0.9",
-    "model.train.progress=false",
-    "unlearn.max_new_tokens=24",
-    "stats.n_samples=100",
-    "threads=1",
-    "progress=false",
-    "logger=none",
 ]
 
 
