@@ -42,7 +42,12 @@ split (zsRE ``zsre_mend_train.json``: an NQ question and its answer). Offline, t
 of the statistics corpus the runner hands every editor (``stats.corpus``: the bundled WikiText-2
 test split by default; never an evaluated prompt), the first ``loc_pool`` sentences of 6-30 words,
 cut to ``loc_max_tokens`` tokens; a request takes the one its case id hashes to (the same in batch
-and sequential mode). ``loc_texts`` replaces the corpus.
+and sequential mode). ``loc_texts`` replaces the corpus. Unlearning (``task=unlearn``) hands the
+editor the retain split (``Resources.retain``); with ``loc_from_retain`` (default) its questions
+with their answers are the loc texts: what must not change, in the forget questions' own format,
+as the reference's held-out questions are in the edits' format. Corpus sentences are another
+distribution, so the side memory learned to fire on the question format itself and answered
+retain questions too (TOFU toy, forget05: retain ROUGE-L 0.318 with corpus sentences).
 
 **Knowledge shards and merging.** Edit n (counted per request since the last reset) trains under
 the gradient mask of shard n // ``save_freq``: a random ``mask_ratio`` of W′'s entries, drawn
@@ -158,7 +163,11 @@ class WiseConfig:
     context_templates: list[list[int]] = field(
         default_factory=lambda: [[5, 5], [10, 5]]
     )  # [max_new_tokens, count] groups of greedy continuations (count // 5 per seed word)
-    loc_texts: list[str] | None = None  # irrelevant texts for Δ_out (null: sentences of the stats corpus)
+    loc_texts: list[str] | None = (
+        None  # irrelevant texts for Δ_out (null: the retain pairs or the stats corpus)
+    )
+    # task=unlearn: the retain split's questions with their answers are the loc texts (module doc)
+    loc_from_retain: bool = True
     loc_pool: int = 1000  # how many corpus sentences the loc texts are drawn from
     loc_max_tokens: int = 40  # loc texts are cut to this many tokens
     seed: int = 0  # shard masks
@@ -534,6 +543,8 @@ class Wise(EditorBase):
         cfg = self.config
         if cfg.loc_texts is not None:
             return [t for t in cfg.loc_texts if t.strip()]
+        if cfg.loc_from_retain and resources.retain:
+            return [f"{prompt} {answer}" for prompt, answer in resources.retain]
         texts = getattr(resources.stats, "texts", None)
         if texts is None:
             raise ValueError(

@@ -127,6 +127,8 @@ class ToyTraining:
     min_epochs: float | None = (
         None  # at least this many passes over the sentences (more steps for more cases)
     )
+    # more sentences than this: min_epochs grows in proportion (null: it does not); see toy_steps
+    epochs_grow_above: int | None = None
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -151,6 +153,9 @@ class ToyTraining:
     subject_lens_layer: int | None = 1
     subject_lens_weight: float = 3.0  # weight of that auxiliary loss
     eval_every: int = 250
+    # recall checks during training read an evenly spaced subset of at most this many facts (the
+    # report's last one reads all); with stop_at_recall every check reads all (null: always all)
+    eval_facts: int | None = 1000
     stop_at_recall: float | None = None  # stop early once top-1 recall of the facts reaches this
     cases: int | None = (
         None  # train on at least the first N dataset cases (null: the run's cases): runs of different dataset.size share one toy
@@ -853,10 +858,23 @@ def deterministic_training(threads: int):
 
 def toy_steps(train: ToyTraining, n_sentences: int) -> int:
     """Optimiser steps: ``steps``, or more when ``min_epochs`` passes over ``n_sentences`` need them
-    (so a toy trained on more cases sees each fact as often)."""
+    (so a toy trained on more cases sees each fact as often). Above ``epochs_grow_above`` sentences
+    the passes grow in proportion: a toy of more facts needs more passes to learn each as well
+    (measured at 25 passes: 89% exact recall of the 200-case toy's 3,100 sentences, 47% of the
+    500-case toy's 7,424, whether its MLP is 512 or 1,024 wide), so its steps grow with the square."""
     if not train.min_epochs:
         return train.steps
-    return max(train.steps, math.ceil(train.min_epochs * n_sentences / train.batch_size))
+    epochs = train.min_epochs
+    if train.epochs_grow_above and n_sentences > train.epochs_grow_above:
+        epochs *= n_sentences / train.epochs_grow_above
+    return max(train.steps, math.ceil(epochs * n_sentences / train.batch_size))
+
+
+def _recall_probe(facts: Sequence[ToyFact], limit: int | None) -> list[ToyFact]:
+    """An evenly spaced subset of at most ``limit`` facts (all of them when ``limit`` is None)."""
+    if limit is None or len(facts) <= limit:
+        return list(facts)
+    return [facts[i * len(facts) // limit] for i in range(limit)]
 
 
 def toy_tokenizer(cfg: ModelConfig, facts: Sequence[ToyFact]) -> PreTrainedTokenizerBase:
@@ -954,6 +972,7 @@ def _train_toy(
     start = time.time()
     history: list[dict[str, float]] = []
     recall: dict[str, float] = {}
+    probe = _recall_probe(facts, None if t.stop_at_recall is not None else t.eval_facts)
     bar = tqdm(range(steps), desc=f"training toy ({len(facts)} facts)", disable=not t.progress)
     step = 0
     for step in bar:
@@ -980,7 +999,7 @@ def _train_toy(
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         if (step + 1) % max(1, t.eval_every) == 0 or step + 1 == steps:
-            recall = toy_recall(model, tokenizer, facts)
+            recall = toy_recall(model, tokenizer, probe)
             model.train()
             history.append({"step": step + 1, "loss": round(loss.item(), 4), **recall})
             bar.set_postfix(loss=f"{loss.item():.3f}", recall=f"{recall['exact']:.3f}")
@@ -996,7 +1015,7 @@ def _train_toy(
         "n_extra": len(extra),
         "steps": step + 1,
         "seconds": round(time.time() - start, 1),
-        "recall": recall or toy_recall(model, tokenizer, facts),
+        "recall": recall if len(probe) == len(facts) and recall else toy_recall(model, tokenizer, facts),
         "recall_extra": toy_recall(model, tokenizer, extra) if extra else None,
         "history": history,
         "seed": seed,

@@ -43,6 +43,7 @@ from runner.models import LoadedModel, load_model
 from runner.oom import explain_oom
 from runner.results import ResultsStore, check_resume
 from runner.schema import check_known_keys
+from runner.tokenizers import content_hash
 from runner.tracking import make_tracker
 from runner.validate import check_optimized_metric, check_prompt_lengths, context_length
 
@@ -164,6 +165,8 @@ def build_stats(cfg: DictConfig, loaded: LoadedModel) -> SecondMoments:
         corpus_texts(stats_cfg.corpus, loaded.training_texts),
         Path(cfg.paths.cache_dir),
         progress=cfg.progress,
+        # the toy's sentences are not fixed by the model alone (task=unlearn: unlearn.toy_stats)
+        corpus_digest=content_hash(list(loaded.training_texts)) if stats_cfg.corpus == "training" else None,
     )
 
 

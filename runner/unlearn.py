@@ -31,6 +31,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +127,18 @@ class Prompter:
         return "" if item.text is not None else self(item.question)
 
 
-def _toy_facts(items, prompter: Prompter, answers: Sequence[str] | None = None) -> list[ToyFact]:
-    """The toy's (prompt, answer) facts of ``items`` (their own answers, or ``answers``)."""
+def _toy_facts(
+    items, prompter: Prompter, answers: Sequence[str] | None = None, subjects: bool = False
+) -> list[ToyFact]:
+    """The toy's (prompt, answer) facts of ``items`` (their own answers, or ``answers``); with
+    ``subjects``, each with the item's subject where its prompt names it (unlearn.toy_subjects)."""
     seen: dict[str, ToyFact] = {}
     for k, item in enumerate(items):
         answer = item.answer if answers is None else answers[k]
         if item.text is None and item.question.strip() and answer.strip():
             prompt = prompter(item.question)
-            seen.setdefault(prompt, ToyFact(prompt, answer.strip()))
+            subject = item.subject if subjects and item.subject and item.subject in prompt else ""
+            seen.setdefault(prompt, ToyFact(prompt, answer.strip(), subject))
     return sorted(seen.values())
 
 
@@ -157,7 +162,8 @@ def _toy_refusals(
             "learns (TOFU: the retain authors dataset.retain_authors leaves out); lower it, or 0"
         )
     refusals = list(data.refusals) or [ucfg.fixed_target]
-    return _toy_facts(unseen, prompter, [idk_target(refusals, seed, item.item_id) for item in unseen])
+    answers = [idk_target(refusals, seed, item.item_id) for item in unseen]
+    return _toy_facts(unseen, prompter, answers, ucfg.toy_subjects)
 
 
 def _qa_items(data: UnlearningSet, split: str) -> list[QAItem]:
@@ -203,21 +209,20 @@ def _load_models(cfg: DictConfig, data: UnlearningSet, cache_dir: Path, ucfg: Un
         declined = _toy_refusals(data, prompter, ucfg, int(cfg.seed), capped)
         loaded = load_toy_on_facts(
             cfg.model,
-            _toy_facts(_toy_training(data, "full", capped), prompter),
+            _toy_facts(_toy_training(data, "full", capped), prompter, subjects=ucfg.toy_subjects),
             cache_dir=cache_dir,
             seed=_toy_seed(cfg),
             extra=declined,
             check=check,
         )
         check(loaded.tokenizer)  # also when the toy came from the cache
+        retain_facts = _toy_facts(_toy_training(data, "retain", capped), prompter, subjects=ucfg.toy_subjects)
+        if ucfg.toy_stats == "retain":  # the statistics' sentences (UnlearnConfig.toy_stats)
+            loaded = replace(loaded, training_texts=tuple(f.text for f in retain_facts + declined))
         reference = None
         if ucfg.reference == "retain":
             reference = load_toy_on_facts(
-                cfg.model,
-                _toy_facts(_toy_training(data, "retain", capped), prompter),
-                cache_dir=cache_dir,
-                seed=_toy_seed(cfg),
-                extra=declined,
+                cfg.model, retain_facts, cache_dir=cache_dir, seed=_toy_seed(cfg), extra=declined
             )
         return loaded, reference, prompter
     if ucfg.finetuned:  # task=finetune's cached full model, and its retain model as the reference

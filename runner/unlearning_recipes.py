@@ -116,6 +116,15 @@ class UnlearnConfig:
     # authors) with refusals drawn as unlearn.target=idk draws them, the refusal answer space a
     # pre-trained model brings; 0: none. Never an evaluated item.
     toy_refusals: int = 0
+    # the toy only: the sentences its covariance statistics (stats.corpus=training) are taken over.
+    # retain: the retain model's (everything the toy learned but the forget split), the stand-in for
+    # a real model's pre-training corpus, which does not single out the forget set; full: every
+    # sentence the toy learned, the forget questions included, so that C weighs (AlphaEdit: projects
+    # out) the very keys the edits must change
+    toy_stats: str = "retain"
+    # the toy only: its facts carry their item's subject (TOFU: the author named in the question), so
+    # the toy recipe's subject bottleneck and lens (model.train.subject_*) apply to them
+    toy_subjects: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -136,6 +145,8 @@ class UnlearnConfig:
             )
         if self.toy_refusals < 0:
             raise ValueError(f"unlearn.toy_refusals must be ≥ 0, got {self.toy_refusals}")
+        if self.toy_stats not in ("retain", "full"):
+            raise ValueError(f"unlearn.toy_stats must be retain or full, got {self.toy_stats!r}")
         if self.reference not in ("retain", "none"):
             raise ValueError(f"unlearn.reference must be retain or none, got {self.reference!r}")
         if self.truth_ratio_mean not in ("geometric", "arithmetic"):

@@ -383,3 +383,42 @@ def test_min_epochs_gives_more_cases_more_steps() -> None:
     train = replace(train, min_epochs=2.0)
     assert toy_steps(train, 100) == 100  # 20 steps would be 2 epochs: steps is the floor
     assert toy_steps(train, 5_000) == 1_000
+
+
+def test_above_epochs_grow_above_the_passes_grow_in_proportion() -> None:
+    from runner.models import toy_steps
+
+    train = ToyTraining(steps=100, batch_size=10, min_epochs=2.0, epochs_grow_above=1_000)
+    assert toy_steps(train, 1_000) == 200  # at the threshold: min_epochs passes
+    assert toy_steps(train, 2_000) == 800  # twice the sentences: twice the passes, 4x the steps
+    assert toy_steps(replace(train, epochs_grow_above=None), 2_000) == 400
+
+
+def test_recall_checks_read_an_evenly_spaced_subset_and_the_report_reads_all(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from runner.models import _recall_probe, toy_facts, toy_recall
+
+    facts = [ToyFact(f"p{i}", "a") for i in range(10)]
+    assert _recall_probe(facts, None) == facts and _recall_probe(facts, 10) == facts
+    assert _recall_probe(facts, 4) == [facts[0], facts[2], facts[5], facts[7]]
+    import runner.models as models
+
+    read: list[int] = []
+
+    def counting(model, tokenizer, facts, **kw):
+        read.append(len(facts))
+        return toy_recall(model, tokenizer, facts, **kw)
+
+    monkeypatch.setattr(models, "toy_recall", counting)
+    cfg = _small_toy()
+    loaded = load_model(
+        replace(cfg, train=replace(cfg.train, eval_facts=2)), cases=_cases(), cache_dir=tmp_path, seed=0
+    )
+    n = len(toy_facts(_cases()))
+    assert n > 2 and read[:2] == [2, 2] and read[2] == n  # checks at steps 2 and 4, then the report
+    assert loaded.info["recall"] == toy_recall(loaded.model, loaded.tokenizer, toy_facts(_cases()))
+    read.clear()
+    stopping = replace(cfg.train, eval_facts=2, stop_at_recall=1.0)
+    load_model(replace(cfg, train=stopping), cases=_cases(), cache_dir=tmp_path, seed=0)
+    assert read[:2] == [n, n]  # an early stop reads every fact

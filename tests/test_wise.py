@@ -341,6 +341,28 @@ def test_default_context_templates_and_corpus_loc_sentences():
     assert edit.diagnostics["wise_steps"] >= 1
 
 
+def test_unlearning_takes_the_retain_pairs_as_loc_texts_unless_told_otherwise():
+    from tests.editing_fixtures import model, tokenizer
+
+    tok = tokenizer("gpt2")
+    net = model("gpt2", tok)
+    retain = (("Question: Who wrote it?\nAnswer:", "Jaime Vasquez."), ("Question: Where?\nAnswer:", "Chile."))
+
+    class Stats:
+        texts = staticmethod(lambda: iter(["He wrote three novels before retiring to the coast ."]))
+
+    def loc(**settings) -> list[str]:
+        editor = Wise(
+            WiseConfig(module=MODULES["gpt2"], layer=1, context_templates=[], **settings), SPECS["gpt2"]
+        )
+        editor.prepare(net, tok, Resources(stats=Stats(), retain=retain))
+        return editor.loc
+
+    assert loc() == ["Question: Who wrote it?\nAnswer: Jaime Vasquez.", "Question: Where?\nAnswer: Chile."]
+    assert loc(loc_from_retain=False) == ["He wrote three novels before retiring to the coast."]
+    assert loc(loc_texts=["Given."]) == ["Given."]
+
+
 def test_a_request_without_a_subject_is_edited_like_any_other():
     from tests.editing_fixtures import model, tokenizer
 

@@ -63,6 +63,7 @@ class SecondMoments:
         texts: Callable[[], Iterable[str]],
         cache_dir: Path | str,
         progress: bool = True,
+        corpus_digest: str | None = None,
     ) -> None:
         if cfg.dtype not in DTYPES:
             raise ValueError(f"stats.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
@@ -73,6 +74,7 @@ class SecondMoments:
         self.texts = texts
         self.cache_dir = Path(cache_dir)
         self.progress = progress
+        self.corpus_digest = corpus_digest  # in the cache key: a corpus whose id does not fix its texts
         self._memory: dict[str, torch.Tensor] = {}
         self._projectors: dict[tuple[str, float], torch.Tensor] = {}
         self.loaded_from_cache: list[str] = []
@@ -98,6 +100,7 @@ class SecondMoments:
                 if k not in ("allow_compute", "batch_tokens", "chunk_docs")
             },
             "max_length": self.max_length(),
+            **({"corpus_digest": self.corpus_digest} if self.corpus_digest else {}),
         }
 
     def path(self, module: str) -> Path:
