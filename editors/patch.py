@@ -21,13 +21,26 @@ from torch import nn
 from editors.hooks import get_module
 
 
+def sequence_routed(model: nn.Module) -> bool:
+    """Whether some adapter in ``model`` is :attr:`Adapter.sequence_routed`: generation must then
+    feed it one unpadded row at a time without a key/value cache."""
+    return any(getattr(m, "sequence_routed", False) for m in model.modules())
+
+
 class Adapter(nn.Module):
     """Base of the modules a :class:`ModulePatch` swaps in. ``inner`` is the module it replaces
     (kept, never changed); everything else the adapter learnt lives in its own parameters and
     buffers (``adapter_state``), and ``adapter_config`` is a JSON-able dict that, with the class,
     rebuilds an empty adapter of the same shapes: an edited model with adapters saves as its
     base weights plus, per patched module, (class path, config, state) and loads back exactly
-    (``runner.export``)."""
+    (``runner.export``).
+
+    ``sequence_routed``: the adapter's output at a position depends on the earlier positions of
+    its row (WISE's prefix routing), which it sees only when it is fed the whole row: left padding
+    adds pad positions to them and a key/value cache hides them. Generation
+    (:func:`sequence_routed`) then feeds each row alone and without a cache."""
+
+    sequence_routed: bool = False
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()

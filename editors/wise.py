@@ -22,8 +22,11 @@ with (the max for inputs longer than 100 tokens); our scorer feeds right-padded 
   only for unpadded rows, e.g. ``eval.batch_size=1``).
 - ``token``: s_t = d_t.
 
-With a key/value cache (generation) the adapter sees only the new tokens of each step, so their
-routing is per token (the reference's is too).
+With a key/value cache the adapter would see only the new tokens of each step (per-token routing,
+as in the reference's generation), and with left padding pad positions would enter the prefix
+means: the adapter is ``sequence_routed``, so the runner's generation (greedy answers, Fluency)
+feeds it each row alone, without a cache, and every generated token is routed on its whole prefix
+(measured on the TOFU toy, forget05: retain ROUGE-L 0.516 batched and cached, see the README).
 
 **Loss** (per request, the reference's ``only_label`` objective): the teacher-forced NLL of the
 target tokens, averaged over the target tokens of each row and over rows, on the edit prompt under
@@ -382,6 +385,10 @@ class WiseAdapter(Adapter):
 
     def _scores(self, main: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         return _route(self.distance(main, other), self.routing, self.long_sequence)
+
+    @property
+    def sequence_routed(self) -> bool:  # prefix and sequence routing read the earlier positions
+        return self.routing != "token"
 
     def threshold(self, min_act: torch.Tensor) -> torch.Tensor:
         return min_act * self.act_ratio

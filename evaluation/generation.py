@@ -4,7 +4,9 @@ The protocol is ROME's/MEMIT's ``test_generation``: one continuation per prompt,
 at temperature 1, ``max_length = 100`` tokens **in total, prompt included**, and the decoded text
 keeps the prompt. Prompts are sorted by token length and cut into batches, left-padded so that
 every row ends at the same position; each row is then cut to its own ``max_length`` budget, so a
-prompt gets exactly ``max_length - len(prompt)`` new tokens whichever batch it lands in.
+prompt gets exactly ``max_length - len(prompt)`` new tokens whichever batch it lands in. A model
+with a sequence-routed adapter (WISE: ``editors.patch.sequence_routed``) gets one prompt per batch
+and no key/value cache, so that each position is routed on its whole row.
 
 One deliberate difference: the end-of-text token is never sampled (``min_new_tokens`` masks it).
 The reference samples it and deletes its string from the decoded text, which leaves the rest of
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from editors.patch import sequence_routed
 from evaluation.cases import EditCase
 from evaluation.consistency import TfIdf
 from evaluation.fluency import WordTokenizer, case_fluency
@@ -77,6 +80,7 @@ def generate_ids(
             f"long (first: {too_long[0][:80]!r}); raise eval.generation.max_length"
         )
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    whole_rows = sequence_routed(model)  # a routed adapter sees each row whole (editors.patch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out_ids: list[list[int]] = [[] for _ in prompts]
     # A batch's rows all run to its longest prompt + the shortest prompt's budget; bound the spread
@@ -93,6 +97,7 @@ def generate_ids(
     for i in order:
         if (
             batches
+            and not whole_rows
             and len(batches[-1]) < settings.batch_size
             and len(encoded[i]) - len(encoded[batches[-1][0]]) <= spread
         ):
@@ -123,6 +128,7 @@ def generate_ids(
                     max_new_tokens=new,
                     min_new_tokens=new,
                     pad_token_id=pad,
+                    use_cache=not whole_rows,
                 )
                 continuation = out[:, width:].cpu()
                 for r, i in enumerate(rows):

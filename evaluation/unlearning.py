@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from editors.core.logits import logits_at
+from editors.patch import sequence_routed
 from evaluation.aggregate import harmonic_mean, register_aggregation
 from evaluation.cases import QAItem, SplitRoles
 from evaluation.generation import _context_length  # the one lookup of a model's positions in evaluation/
@@ -331,7 +332,9 @@ def greedy_generate(
 ) -> list[str]:
     """Greedy continuations (``do_sample=False``), batched with left padding, stopped at EOS, in
     the prompts' order; decoded without the prompt, special tokens skipped, stripped (as
-    open-unlearning ``utils.eval_text_similarity`` and TOFU ``evaluate_util.run_generation``).
+    open-unlearning ``utils.eval_text_similarity`` and TOFU ``evaluate_util.run_generation``). A
+    model with a sequence-routed adapter (``editors.patch.sequence_routed``) generates one prompt at
+    a time without a key/value cache.
     The tokenizer's own ``clean_up_tokenization_spaces`` setting is kept (open-unlearning forces
     True; transformers 5 ignores that for BPE tokenizers, and ROUGE drops punctuation anyway)."""
     if not prompts:
@@ -349,6 +352,8 @@ def greedy_generate(
                 f"{context} tokens (first: {too_long[0][:80]!r})"
             )
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    whole_rows = sequence_routed(model)  # a routed adapter sees each row whole (editors.patch)
+    batch_size = 1 if whole_rows else batch_size
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if progress:
         from tqdm.auto import tqdm
@@ -377,6 +382,7 @@ def greedy_generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
                 eos_token_id=eos,
+                use_cache=not whole_rows,
             )
             new = out[:, width:].cpu().tolist()
             for r, i in enumerate(idx):

@@ -126,6 +126,50 @@ def test_an_unrelated_prompt_below_tau_keeps_the_main_memory_exactly(arch, routi
         handle.restore()
 
 
+def test_generation_routes_every_token_on_its_whole_unpadded_row():
+    """A WISE-edited model generates as a greedy loop of full forwards on each row alone: no left
+    padding in the prefix means, no cache that would route new tokens on themselves."""
+    from evaluation.generation import GenerationSettings, generate_ids
+    from evaluation.unlearning import greedy_generate
+    from tests.editing_fixtures import model, tokenizer
+
+    tok = tokenizer("gpt2")
+    net = model("gpt2", tok)
+    editor = _editor("gpt2", net, tok, n_iter=40)
+    prompts = [REQUESTS[0].text, f"{UNRELATED} Then {REQUESTS[0].text}", UNRELATED]
+    handle = editor.apply(net, tok, [REQUESTS[0]]).attach(net)
+    try:
+        assert net.get_submodule(editor.config.module_name).sequence_routed
+
+        def alone(prompt: str, n: int = 6) -> str:
+            ids = tok(prompt)["input_ids"]
+            start = len(ids)
+            with torch.no_grad():
+                for _ in range(n):
+                    ids.append(int(net(torch.tensor([ids])).logits[0, -1].argmax()))
+            return tok.decode(ids[start:], skip_special_tokens=True).strip()
+
+        assert greedy_generate(net, tok, prompts, max_new_tokens=6, batch_size=3) == [
+            alone(p) for p in prompts
+        ]
+        calls = []
+        generate = net.generate
+
+        def recording(**kwargs):
+            calls.append((kwargs["input_ids"].shape[0], kwargs["use_cache"]))
+            return generate(**kwargs)
+
+        net.generate = recording  # Fluency's sampling: one row per call, no cache
+        try:
+            rows = generate_ids(net, tok, prompts, GenerationSettings(max_length=100, batch_size=3))
+        finally:
+            del net.generate
+        assert calls == [(1, False)] * 3 and all(len(r) == 100 for r in rows)
+    finally:
+        handle.restore()
+    assert not any(getattr(m, "sequence_routed", False) for m in net.modules())
+
+
 def test_routing_prefix_scores_ignore_right_padding_and_later_tokens():
     d = torch.tensor([[1.0, 3.0, 2.0, 9.0], [1.0, 3.0, 0.0, 0.0]])  # row 1: two pads at the right
     s = _route(d, "prefix", None)
