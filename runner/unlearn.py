@@ -162,7 +162,10 @@ def _toy_refusals(
             "learns (TOFU: the retain authors dataset.retain_authors leaves out); lower it, or 0"
         )
     refusals = list(data.refusals) or [ucfg.fixed_target]
-    answers = [idk_target(refusals, seed, item.item_id) for item in unseen]
+    if ucfg.toy_refusal == "fixed":
+        answers = [ucfg.fixed_target] * len(unseen)
+    else:
+        answers = [idk_target(refusals, seed, item.item_id) for item in unseen]
     return _toy_facts(unseen, prompter, answers, ucfg.toy_subjects)
 
 

@@ -116,6 +116,9 @@ class UnlearnConfig:
     # authors) with refusals drawn as unlearn.target=idk draws them, the refusal answer space a
     # pre-trained model brings; 0: none. Never an evaluated item.
     toy_refusals: int = 0
+    # how the toy answers those questions: idk (each its unlearn.target=idk draw) | fixed
+    # (unlearn.fixed_target, one refusal the toy learns as well as any fact)
+    toy_refusal: str = "idk"
     # the toy only: the sentences its covariance statistics (stats.corpus=training) are taken over.
     # retain: the retain model's (everything the toy learned but the forget split), the stand-in for
     # a real model's pre-training corpus, which does not single out the forget set; full: every
@@ -145,6 +148,8 @@ class UnlearnConfig:
             )
         if self.toy_refusals < 0:
             raise ValueError(f"unlearn.toy_refusals must be ≥ 0, got {self.toy_refusals}")
+        if self.toy_refusal not in ("idk", "fixed"):
+            raise ValueError(f"unlearn.toy_refusal must be idk or fixed, got {self.toy_refusal!r}")
         if self.toy_stats not in ("retain", "full"):
             raise ValueError(f"unlearn.toy_stats must be retain or full, got {self.toy_stats!r}")
         if self.reference not in ("retain", "none"):

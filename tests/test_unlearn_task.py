@@ -113,6 +113,21 @@ def test_the_retain_model_has_forget_quality_one_against_itself(tmp_path):
     assert values["forget_quality"] == pytest.approx(1.0)
 
 
+def test_the_toys_statistics_leave_out_the_forget_split_unless_told_otherwise(tmp_path):
+    from runner.unlearn import _load_models, _unlearn_cfg
+
+    def texts(*overrides: str) -> set[str]:
+        cfg = _cfg(tmp_path, "editor=unedited", "unlearn.reference=none", *overrides)
+        data = load_unlearning(cfg.dataset)
+        loaded, _, prompter = _load_models(cfg, data, Path(cfg.paths.cache_dir), _unlearn_cfg(cfg))
+        return set(loaded.training_texts), {prompter(i.question) for i in data.splits["forget"]}
+
+    retain_side, forget = texts()
+    everything, _ = texts("unlearn.toy_stats=full")
+    asks = lambda sentences: {p for p in forget if any(s.startswith(p + " ") for s in sentences)}  # noqa: E731
+    assert retain_side < everything and asks(everything) == forget and not asks(retain_side)
+
+
 def test_unlearn_needs_an_unlearning_dataset_and_edit_refuses_one(tmp_path):
     paths = [f"paths.cache_dir={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}", "logger=none"]
     with pytest.raises(ConfigError, match="task=unlearn needs an unlearning dataset"):

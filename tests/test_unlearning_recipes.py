@@ -233,3 +233,22 @@ def test_toy_refusals_of_a_capped_toy_come_from_the_items_it_does_not_learn():
     declined = _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=8), seed=0, capped=True)
     asked = {prompter(i.question) for items in data.splits.values() for i in items}
     assert len(declined) == 8 and not asked & {f.prompt for f in declined}
+
+
+def test_toy_facts_carry_the_author_with_toy_subjects_and_a_fixed_refusal_with_toy_refusal():
+    from runner.unlearn import Prompter, _toy_facts, _toy_refusals
+    from runner.unlearning_data import load_unlearning
+
+    data = load_unlearning({"name": "tofu", "forget_split": "forget01", "retain_authors": 2})
+    prompter = Prompter("Question: {question}\nAnswer:", None, False)
+    items = list(data.splits["forget"])
+    plain = _toy_facts(items, prompter)
+    named = _toy_facts(items, prompter, subjects=True)
+    assert [f.prompt for f in plain] == [f.prompt for f in named] and not any(f.subject for f in plain)
+    with_subject = [f for f in named if f.subject]
+    assert with_subject and all(f.subject in f.prompt for f in with_subject)
+    assert {f.subject for f in with_subject} <= {i.subject for i in items}
+    fixed = _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=6, toy_refusal="fixed"), seed=0)
+    assert [f.answer for f in fixed] == ["I don't know."] * 6
+    drawn = _toy_refusals(data, prompter, UnlearnConfig(toy_refusals=6), seed=0)
+    assert [f.prompt for f in drawn] == [f.prompt for f in fixed] and len({f.answer for f in drawn}) > 1
