@@ -385,13 +385,15 @@ def test_min_epochs_gives_more_cases_more_steps() -> None:
     assert toy_steps(train, 5_000) == 1_000
 
 
-def test_above_epochs_grow_above_the_passes_grow_in_proportion() -> None:
+def test_above_epochs_grow_above_the_passes_grow_with_the_sentences() -> None:
     from runner.models import toy_steps
 
     train = ToyTraining(steps=100, batch_size=10, min_epochs=2.0, epochs_grow_above=1_000)
     assert toy_steps(train, 1_000) == 200  # at the threshold: min_epochs passes
     assert toy_steps(train, 2_000) == 800  # twice the sentences: twice the passes, 4x the steps
     assert toy_steps(replace(train, epochs_grow_above=None), 2_000) == 400
+    assert toy_steps(replace(train, epochs_growth=1.5), 4_000) == 6_400  # 2 * 4 ** 1.5 passes of 400 steps
+    assert toy_steps(replace(train, epochs_growth=1.5), 1_000) == 200
 
 
 def test_recall_checks_read_an_evenly_spaced_subset_and_the_report_reads_all(
