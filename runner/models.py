@@ -864,7 +864,8 @@ def toy_steps(train: ToyTraining, n_sentences: int) -> int:
     the passes grow as (n_sentences / epochs_grow_above) ** ``epochs_growth``: a toy of more facts
     needs more passes to learn each as well (measured at 25 passes: 89% exact recall of the
     200-case toy's 3,100 sentences, 47% of the 500-case toy's 7,424, whether its MLP is 512 or
-    1,024 wide; 66% at 2.4 times the passes)."""
+    1,024 wide; 66% at 2.4 times the passes, 65% at 3.7 times, where MEMIT's efficacy and
+    locality on the 500 cases rise from 89.2 / 85.1 to 93.2 / 88.0)."""
     if not train.min_epochs:
         return train.steps
     epochs = train.min_epochs
