@@ -371,7 +371,7 @@ def render_block(
         f"<sub>Written by `make readme-numbers` ({_dt.date.today().isoformat()}, commit {sha}) from "
         f"{commands}; {seconds / 60:.1f} min wall in all"
         f"{f', {jobs} side by side' if jobs > 1 else ''}{f', threads={threads} each' if threads else ''} "
-        f"(including the training of any toy or statistics not yet cached); {machine}.</sub>"
+        f"(including whatever was not yet cached: toys, statistics, target vectors); {machine}.</sub>"
     )
     return f"{block.render(runs).rstrip()}\n\n{footer}"
 
